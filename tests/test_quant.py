@@ -1,0 +1,309 @@
+"""dqtool.quant: level counts, STE gradients, the fake-quant == packed bit-exact invariant, errors."""
+
+import pytest
+import torch
+
+from dqtool.errors import DQToolError
+from dqtool.quant import (
+    QuantSpec,
+    activation_qparams,
+    compute_scale,
+    dequantize,
+    fake_quant,
+    fake_quant_activation,
+    parse_wea,
+    quantize,
+    quantize_weight,
+    ternary_scale_and_codes,
+    validate_width,
+)
+
+BITS = (8, 4, 3, 2)
+# (granularity, group_size, shape): odd widths for tensor/row, two group sizes for groups.
+LAYOUTS = [("tensor", None, (7, 13)), ("row", None, (7, 13)), ("group", 8, (5, 24)), ("group", 12, (5, 24))]
+
+
+def _randn(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g)
+
+
+def _slices(t, granularity, group_size):
+    """The sets of values that share one scale."""
+    if granularity == "tensor":
+        return [t.flatten()]
+    if granularity == "row":
+        return list(t)
+    return list(t.reshape(-1, group_size))
+
+
+# --------------------------------------------------------------------------- levels
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("granularity,group_size,shape", LAYOUTS)
+def test_minmax_levels_per_slice(bits, granularity, group_size, shape):
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size)
+    w = _randn(*shape, seed=bits)
+    q = fake_quant(w, spec)
+    codes, _ = quantize_weight(w, spec)
+    assert codes.dtype == torch.int8
+    assert int(codes.min()) >= -(2 ** (bits - 1) - 1) and int(codes.max()) <= 2 ** (bits - 1) - 1
+    for sl in _slices(q, granularity, group_size):
+        # Symmetric grid: at most 2^b - 1 levels (no -2^(b-1) code).
+        assert sl.unique().numel() <= 2 ** bits - 1
+    # The max-abs entry of each slice is representable exactly (scale = max|w| / qmax).
+    for orig, sl in zip(_slices(w, granularity, group_size), _slices(q, granularity, group_size)):
+        i = orig.abs().argmax()
+        assert torch.allclose(sl[i], orig[i], rtol=1e-6, atol=0)
+
+
+def test_symmetric_codes_saturate_at_minus_qmax():
+    for bits in BITS:
+        qmax = 2 ** (bits - 1) - 1
+        codes = quantize(torch.tensor([-qmax - 1.0, -1000.0, 1000.0]), torch.tensor(1.0), QuantSpec(bits=bits))
+        assert codes.tolist() == [-qmax, -qmax, qmax]  # 8 bits: -127, never -128
+
+
+@pytest.mark.parametrize("granularity,group_size,shape", [("tensor", None, (6, 64)), ("row", None, (6, 64)),
+                                                          ("group", 16, (6, 64))])
+def test_ternary_has_exactly_three_values(granularity, group_size, shape):
+    w = _randn(*shape, seed=3)
+    q = fake_quant(w, QuantSpec.weight(2, granularity, group_size))
+    alpha, codes = ternary_scale_and_codes(w, granularity, group_size)
+    assert set(codes.unique().tolist()) == {-1, 0, 1}
+    for sl in _slices(q, granularity, group_size):
+        vals = sl.unique()
+        assert vals.numel() == 3 and 0.0 in vals.tolist()
+        assert vals[0] == -vals[2]  # {-alpha, 0, alpha}
+    # TWN rule: kept entries are exactly those above 0.7 * mean|w| of their slice.
+    for orig, c in zip(_slices(w, granularity, group_size), _slices(codes, granularity, group_size)):
+        assert torch.equal(c != 0, orig.abs() > 0.7 * orig.abs().mean())
+
+
+def test_two_bit_minmax_is_three_levels_not_ternary():
+    w = _randn(4, 32, seed=4)
+    mm = fake_quant(w, QuantSpec(bits=2, granularity="row"))
+    tw = fake_quant(w, QuantSpec.weight(2, "row"))
+    for row in mm:
+        assert row.unique().numel() <= 3
+    assert not torch.equal(mm, tw)
+
+
+# --------------------------------------------------------------------------- invariant
+
+@pytest.mark.parametrize("bits,method", [(b, "minmax") for b in BITS] + [(2, "ternary")])
+@pytest.mark.parametrize("granularity,group_size,shape", LAYOUTS)
+def test_fake_quant_equals_dequantize_quantize_bit_exact(bits, granularity, group_size, shape, method):
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, method=method)
+    w = _randn(*shape, seed=10 + bits) * 0.05
+    w[1] = 0.0  # an all-zero row: the epsilon guard must still give exact zeros
+    fq = fake_quant(w.clone().requires_grad_(), spec)
+    codes, scale = quantize_weight(w, spec)
+    packed = dequantize(codes, scale, spec)
+    assert torch.equal(fq.detach(), packed)
+    assert torch.isfinite(fq).all() and (fq[1] == 0).all()
+    # A packer that only sees the fake-quant values recovers the same codes.
+    assert torch.equal(quantize(fq.detach(), scale, spec), codes)
+    if method == "minmax":
+        s = compute_scale(w, spec)
+        assert torch.equal(fq.detach(), dequantize(quantize(w, s, spec), s, spec))
+        expected_shape = {"tensor": (), "row": (shape[0], 1), "group": (shape[0], shape[1] // (group_size or 1), 1)}
+        assert tuple(s.shape) == expected_shape[granularity]
+
+
+@pytest.mark.parametrize("method", ["minmax", "lsq", "ternary"])
+@pytest.mark.parametrize("granularity,group_size,shape", LAYOUTS)
+def test_bit_exact_with_clip(method, granularity, group_size, shape):
+    bits = 2 if method == "ternary" else 4
+    spec = QuantSpec(bits=bits, granularity=granularity, group_size=group_size, method=method)
+    w = _randn(*shape, seed=20)
+    scale_shape = compute_scale(w, QuantSpec(bits=4, granularity=granularity, group_size=group_size)).shape
+    clip = torch.full(scale_shape, 0.8, requires_grad=True)
+    fq = fake_quant(w, spec, clip)
+    codes, scale = quantize_weight(w, spec, clip)
+    assert torch.equal(fq.detach(), dequantize(codes, scale, spec))
+    assert fq.abs().max() <= 0.8 + 1e-6
+
+
+def test_bfloat16_keeps_dtype_and_invariant():
+    spec = QuantSpec.weight(4, "group", 8)
+    w = _randn(3, 16, seed=5).to(torch.bfloat16)
+    fq = fake_quant(w, spec)
+    codes, scale = quantize_weight(w, spec)
+    assert fq.dtype == torch.bfloat16 and scale.dtype == torch.bfloat16
+    assert torch.equal(fq, dequantize(codes, scale, spec))
+
+
+def test_round_half_to_even():
+    spec = QuantSpec(bits=8)
+    codes = quantize(torch.tensor([0.5, 1.5, 2.5, -2.5, 127.0]), torch.tensor(1.0), spec)
+    assert codes.tolist() == [0, 2, 2, -2, 127]
+
+
+def test_deterministic():
+    w = _randn(9, 40, seed=6)
+    for spec in (QuantSpec.weight(4, "row"), QuantSpec.weight(2, "group", 8), QuantSpec(bits=3)):
+        assert torch.equal(fake_quant(w, spec), fake_quant(w.clone(), spec))
+    x = _randn(2, 5, 7, seed=7)
+    assert torch.equal(fake_quant_activation(x, 8, symmetric=False), fake_quant_activation(x.clone(), 8, False))
+
+
+# --------------------------------------------------------------------------- gradients
+
+def test_dynamic_minmax_gradient_is_identity():
+    w = _randn(5, 11, seed=8).requires_grad_()
+    up = _randn(5, 11, seed=9)
+    fake_quant(w, QuantSpec.weight(4, "row")).backward(up)
+    assert torch.equal(w.grad, up)
+
+
+def test_ternary_gradient_passes_unchanged():
+    w = _randn(5, 11, seed=8).requires_grad_()
+    up = _randn(5, 11, seed=9)
+    fake_quant(w, QuantSpec.weight(2, "row")).backward(up)
+    assert torch.equal(w.grad, up)
+
+
+@pytest.mark.parametrize("method,bits", [("minmax", 8), ("minmax", 4), ("lsq", 4), ("ternary", 2)])
+def test_gradient_zero_outside_clip_and_passes_inside(method, bits):
+    x = torch.tensor([-3.0, -1.0, -0.2, 0.0, 0.3, 0.99, 1.0, 1.01, 2.5], requires_grad=True)
+    clip = torch.tensor(1.0)
+    up = torch.arange(1.0, 10.0)
+    fake_quant(x, QuantSpec(bits=bits, method=method), clip).backward(up)
+    inside = x.detach().abs() <= 1.0
+    assert torch.equal(x.grad[inside], up[inside])
+    assert (x.grad[~inside] == 0).all() and (~inside).sum() == 3
+
+
+def test_pact_clip_gradient_from_clipped_elements():
+    x = torch.tensor([-3.0, -0.5, 0.2, 0.7, 2.0, 4.0], requires_grad=True)
+    clip = torch.tensor(1.0, requires_grad=True)
+    up = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 5.0])
+    fake_quant_activation(x, 8, clip=clip).backward(up)
+    # PACT: sum of sign(x) * upstream over the clipped elements: -1 + 2 + 5.
+    assert clip.grad.item() == pytest.approx(6.0)
+    clip.grad = None
+    fake_quant_activation(x.detach() * 0.1, 8, clip=clip).sum().backward()
+    assert clip.grad.item() == 0.0  # nothing clipped, no PACT gradient
+
+
+def test_lsq_clip_gradient_nonzero_and_per_row_shape():
+    w = _randn(4, 16, seed=11)
+    clip = torch.full((4, 1), 0.5, requires_grad=True)
+    fake_quant(w, QuantSpec(bits=4, granularity="row", method="lsq"), clip).pow(2).sum().backward()
+    assert clip.grad.shape == (4, 1)
+    assert (clip.grad != 0).all()
+
+
+def test_per_group_clip_gradient_shape():
+    w = _randn(3, 24, seed=12)
+    clip = torch.full((3, 3, 1), 0.5, requires_grad=True)
+    fake_quant(w, QuantSpec(bits=8, granularity="group", group_size=8), clip).sum().backward()
+    assert clip.grad.shape == (3, 3, 1) and clip.grad.abs().sum() > 0
+
+
+def test_lsq_needs_clip():
+    with pytest.raises(ValueError, match="clip"):
+        fake_quant(torch.ones(3), QuantSpec(bits=4, method="lsq"))
+
+
+# --------------------------------------------------------------------------- activations
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shift", [0.0, 1.5, -4.0, 20.0])
+def test_asymmetric_activation_round_trip(bits, shift):
+    x = _randn(4, 6, 10, seed=bits) * 2.0 + shift
+    scale, zp = activation_qparams(x, bits, symmetric=False)
+    spec = QuantSpec.activation(bits, symmetric=False)
+    codes = quantize(x, scale, spec, zp)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
+    assert codes.unique().numel() <= 2 ** bits
+    deq = dequantize(codes, scale, spec, zp)
+    assert torch.equal(fake_quant_activation(x, bits, symmetric=False), deq)
+    assert (x - deq).abs().max() <= scale / 2 * (1 + 1e-5)
+    if x.min() >= 0:
+        assert zp.item() == 0
+    # 0 is exactly representable (ONNX widens the range to include it).
+    zero = dequantize(quantize(torch.zeros(1), scale, spec, zp), scale, spec, zp)
+    assert zero.item() == 0.0
+
+
+def test_symmetric_activation_is_dynamic_per_tensor():
+    x = _randn(2, 3, 8, seed=13)
+    scale, zp = activation_qparams(x, 8)
+    assert scale.shape == () and zp.item() == 0
+    assert torch.allclose(scale, x.abs().max() / 127)
+    y = fake_quant_activation(x, 8)
+    assert y.unique().numel() <= 255
+    assert torch.equal(y, dequantize(quantize(x, scale, QuantSpec.activation(8)), scale, QuantSpec.activation(8)))
+    assert not torch.equal(activation_qparams(x * 2, 8)[0], scale)  # scale follows the batch
+
+
+def test_asymmetric_activation_rejects_clip():
+    with pytest.raises(ValueError, match="clip"):
+        fake_quant_activation(torch.ones(3), 8, symmetric=False, clip=1.0)
+
+
+# --------------------------------------------------------------------------- config errors
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(bits=5), ["weight bits 5", "8, 4, 3 or 2"]),
+    (dict(bits=16, role="activation"), ["activation bits 16", "8, 4, 3 or 2"]),
+    (dict(bits=8, granularity="channel"), ["granularity 'channel'", "tensor, row or group"]),
+    (dict(bits=8, granularity="group"), ["group_size", "positive"]),
+    (dict(bits=8, granularity="group", group_size=0), ["group_size", "positive"]),
+    (dict(bits=8, granularity="row", group_size=32), ["group_size", "granularity"]),
+    (dict(bits=8, method="kmeans"), ["method 'kmeans'", "minmax, ternary or lsq"]),
+    (dict(bits=4, method="ternary"), ["ternary", "bits 2"]),
+    (dict(bits=8, symmetric=False), ["symmetric", "activations only"]),
+    (dict(bits=8, granularity="row", role="activation"), ["activation granularity", "tensor"]),
+])
+def test_bad_spec_raises_naming_option(kwargs, words):
+    with pytest.raises(DQToolError) as err:
+        QuantSpec(**kwargs)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_weight_constructor_defaults():
+    assert QuantSpec.weight(2).method == "ternary"
+    assert QuantSpec.weight(2, method="minmax").method == "minmax"
+    assert QuantSpec.weight(8).granularity == "row"
+    assert QuantSpec.activation(8, symmetric=False).qmin == 0
+    assert QuantSpec(bits=8).levels == 255 and QuantSpec.activation(4, symmetric=False).levels == 16
+
+
+def test_group_size_must_divide_width():
+    spec = QuantSpec.weight(4, "group", 32)
+    validate_width(spec, 768, "fc1")
+    with pytest.raises(DQToolError, match=r"group_size 32 .* of decoder\.layers\.0\.fc2"):
+        validate_width(spec, 100, "decoder.layers.0.fc2")
+    with pytest.raises(DQToolError, match="group_size"):
+        fake_quant(torch.ones(2, 100), spec)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2-2-8", (2, 2, 8)), ("4-8-none", (4, 8, None)), ("8-8-8", (8, 8, 8)),
+    ("32-16-NONE", (None, None, None)), (" 3-4-2 ", (3, 4, 2)),
+])
+def test_parse_wea(text, expected):
+    assert parse_wea(text) == expected
+
+
+@pytest.mark.parametrize("text,words", [
+    ("2-2", ["--wea '2-2'", "W-E-A"]), ("2-2-8-8", ["W-E-A"]), ("", ["W-E-A"]),
+    ("5-2-8", ["weight bits '5'", "none"]), ("2-1-8", ["embedding bits '1'"]),
+    ("2-2-fp", ["activation bits 'fp'"]), ("2--8", ["embedding bits ''"]),
+])
+def test_parse_wea_errors(text, words):
+    with pytest.raises(DQToolError) as err:
+        parse_wea(text)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_parse_wea_custom_option_name():
+    with pytest.raises(DQToolError, match="^--bits "):
+        parse_wea("x", option="--bits")
