@@ -56,6 +56,10 @@ class ArchSpec:
     # Config attribute that says whether lm_head shares the embedding's weight.
     tie_attr: str = "tie_word_embeddings"
     extra_params: tuple[str, ...] = ()      # e.g. BART's final_logits_bias buffer
+    # True when attention goes through transformers' AttentionInterface (config
+    # ._attn_implementation), which lets QAT quantize the attention matmul inputs.
+    # T5's attention computes its matmuls inline, so only its Linear inputs are quantized.
+    attention_interface: bool = True
     notes: str = ""
 
     def stacks(self) -> dict[str, StackSpec]:
@@ -128,6 +132,7 @@ _SPECS: tuple[ArchSpec, ...] = (
         token_embedding="shared",
         embedding_aliases=("encoder.embed_tokens", "decoder.embed_tokens"),
         positions_learned=False,
+        attention_interface=False,
         notes="relative position bias in layer 0 only; v1.0 (wi/wo, tied) and v1.1 (wi_0/wi_1/wo, untied) FFNs",
     ),
 )
