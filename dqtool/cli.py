@@ -74,3 +74,114 @@ def distill(teacher, out, encoder_layers, decoder_layers, map_scheme, encoder_ma
     click.echo(f"  decoder layers copied: {result.decoder_map}")
     click.echo(f"  parameters: {result.student_params:,} (teacher {result.teacher_params:,}, "
                f"{result.student_params / result.teacher_params:.2f}x)")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--data", required=True, help="Data: folder of split files (jsonl/csv/tsv), one file, or a datasets folder.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on.")
+@click.option("--preset", type=click.Choice(["greedy", "xsum", "cnndm"]), default="greedy", show_default=True,
+              help="Generation settings: greedy, or the BART/DQ-BART XSUM or CNN/DM settings.")
+@click.option("--num-beams", type=int, default=None, help="Beams (overrides the preset).")
+@click.option("--max-length", type=int, default=None, help="Maximum generated tokens (overrides the preset).")
+@click.option("--min-length", type=int, default=None, help="Minimum generated tokens (overrides the preset).")
+@click.option("--length-penalty", type=float, default=None, help="Beam length penalty (overrides the preset).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per generate call.")
+@click.option("--max-samples", type=int, default=None, help="Evaluate only the first N rows.")
+@click.option("--metrics", default="rouge", show_default=True, help="Comma-separated: rouge, bleu (BLEU and chrF).")
+@click.option("--source-field", default="source", show_default=True, help="Source text field/column.")
+@click.option("--target-field", default="target", show_default=True, help="Reference text field/column.")
+@click.option("--source-max-length", type=int, default=512, show_default=True, help="Source tokens kept (truncated).")
+@click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write metrics, config and predictions to this JSON file.")
+def eval_(model, data, split, preset, num_beams, max_length, min_length, length_penalty, batch_size, max_samples,
+          metrics, source_field, target_field, source_max_length, prefix, device, out_path):
+    """Generate with MODEL on a data split and print ROUGE (and BLEU/chrF).
+
+    MODEL is a Hugging Face model folder or hub id, or a 'dqtool qat' output folder.
+    """
+    from dqtool.data import DataConfig
+    from dqtool.evaluate import EvalConfig, evaluate_model
+
+    overrides = {k: v for k, v in dict(num_beams=num_beams, max_length=max_length, min_length=min_length,
+                                       length_penalty=length_penalty).items() if v is not None}
+    dcfg = DataConfig(source_field=source_field, target_field=target_field, prefix=prefix,
+                      source_max_length=source_max_length)
+    cfg = EvalConfig.preset(preset, data=data, split=split, data_cfg=dcfg, batch_size=batch_size,
+                            max_samples=max_samples, device=device,
+                            metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), **overrides)
+    res = evaluate_model(model, out_path, cfg)
+    click.echo(f"{model} ({res.model_kind}) on {split}: {len(res.predictions)} rows in {res.seconds:.1f}s")
+    for k, v in res.metrics.items():
+        click.echo(f"  {k:<10} {v:8.2f}")
+
+
+@main.command()
+@click.argument("student", type=click.Path(exists=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--data", required=True, help="Training data: a folder with train/validation files (jsonl/csv/tsv), "
+              "a single file, or a datasets folder saved with save_to_disk.")
+@click.option("--teacher", default=None, help="Float teacher to distill from (default: the one recorded by distill).")
+@click.option("--wea", default="8-8-8", show_default=True,
+              help="Bits for weights-embeddings-activations, e.g. 2-2-8, 4-4-8, 8-8-8, 4-8-none ('none' = float).")
+@click.option("--weight-granularity", type=click.Choice(["tensor", "row", "group"]), default="row", show_default=True,
+              help="One weight scale per tensor, per output row, or per group of input columns.")
+@click.option("--group-size", type=int, default=None, help="Input columns per scale with --weight-granularity group.")
+@click.option("--act-clip", type=click.Choice(["dynamic", "pact"]), default="dynamic", show_default=True,
+              help="Activation range: per-batch max|x| (DQ-BART) or a learned PACT clip per quantizer.")
+@click.option("--act-asymmetric", is_flag=True, help="Asymmetric (zero-point) activation quantization.")
+@click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
+@click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
+@click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
+@click.option("--logits-loss", "logits_kind", type=click.Choice(["mse", "kl"]), default="mse", show_default=True,
+              help="Logits loss: MSE (the paper) or KL with --temperature.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Temperature of the KL logits loss.")
+@click.option("--loss-hidden", type=float, default=1.0, show_default=True,
+              help="Weight of the per-layer hidden-state MSE (embedding output included).")
+@click.option("--loss-attention", type=float, default=1.0, show_default=True,
+              help="Weight of the attention-probability MSE (encoder, decoder, cross).")
+@click.option("--loss-enc-last", type=float, default=1.0, show_default=True,
+              help="Weight of the encoder last-hidden-state MSE.")
+@click.option("--max-steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Per-device batch size.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--lr", "learning_rate", type=float, default=1e-4, show_default=True, help="Peak learning rate (linear decay).")
+@click.option("--warmup-ratio", type=float, default=0.05, show_default=True, help="Fraction of steps for LR warm-up.")
+@click.option("--source-max-length", type=int, default=256, show_default=True, help="Source tokens kept (truncated).")
+@click.option("--target-max-length", type=int, default=64, show_default=True, help="Target tokens kept (truncated).")
+@click.option("--source-field", default="source", show_default=True, help="Source text field/column.")
+@click.option("--target-field", default="target", show_default=True, help="Target text field/column.")
+@click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style, e.g. 'summarize: ').")
+@click.option("--max-train-samples", type=int, default=None, help="Use only the first N training rows.")
+@click.option("--eval-steps", type=int, default=None,
+              help="Evaluate ROUGE every N steps and keep the best checkpoint (must divide --save-steps).")
+@click.option("--eval-samples", type=int, default=200, show_default=True, help="Validation rows used per evaluation.")
+@click.option("--save-steps", type=int, default=200, show_default=True, help="Checkpoint every N steps (for --resume).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed for init, data order and dropout.")
+@click.option("--precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Mixed precision: auto = bf16/fp16 on CUDA, fp32 on CPU.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
+@click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
+def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_clip, act_asymmetric,
+        no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+        loss_enc_last, resume, force, **train):
+    """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
+
+    STUDENT is a folder from 'dqtool distill' (its layer map pairs student and teacher
+    layers). Checkpoints go to OUT.partial/ until training completes.
+    """
+    from dqtool.losses import LossConfig
+    from dqtool.qat import QATConfig, qat as run_qat
+    from dqtool.scheme import QuantScheme
+
+    scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
+                                  act_clip=act_clip, act_symmetric=not act_asymmetric,
+                                  quantize_attention=not no_attention_quant)
+    losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
+                        enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
+    cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
+    result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
+    click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
+               + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
