@@ -185,3 +185,7 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
     result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
     click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
                + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -364,7 +364,7 @@ def _save_qat(model, tok, folder: Path, scheme: QuantScheme) -> None:
     state = model.state_dict()
     attn = model.config._attn_implementation
     model.config._attn_implementation = "eager"  # not saved; keeps the HF folder loadable anywhere
-    model.save_pretrained(folder, state_dict=strip_quantizer_state(state))
+    model.save_pretrained(folder, state_dict=strip_quantizer_state(model, state))
     model.config._attn_implementation = attn
     tok.save_pretrained(folder)
     (folder / SCHEME_FILE).write_text(scheme.dumps() + "\n")

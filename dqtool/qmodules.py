@@ -31,17 +31,38 @@ ATTN_IMPL = "dqtool_qat"
 
 
 class _ActQuant(nn.Module):
-    """Fake-quantizes a module input: dynamic per-tensor, or with a learned PACT clip."""
+    """Fake-quantizes a module input: dynamic per-tensor, or with a learned PACT clip.
 
-    def __init__(self, spec: QuantSpec | None, learned_clip: bool, init: float = 8.0):
+    A learned clip is calibrated on the first batch it sees in training: it starts at
+    the 99.9th percentile of |x|, so a few outliers are clipped from step 0 and PACT's
+    gradient (which flows only through clipped values) can move it. ``calibrated`` is a
+    buffer, so a resumed or reloaded model never re-calibrates.
+    """
+
+    CALIBRATION_QUANTILE = 0.999
+
+    def __init__(self, spec: QuantSpec | None, learned_clip: bool):
         super().__init__()
         self.spec = spec
-        # A scalar clip learned by PACT; initialised wide and tightened by training.
-        self.clip = nn.Parameter(torch.tensor(float(init))) if (spec is not None and learned_clip) else None
+        if spec is not None and learned_clip:
+            self.clip = nn.Parameter(torch.tensor(1.0))
+            self.register_buffer("calibrated", torch.tensor(False))
+        else:
+            self.clip = None
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().flatten().float()
+        if a.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample is plenty
+            a = a[:: a.numel() // 1_000_000 + 1]
+        self.clip.copy_(torch.quantile(a, self.CALIBRATION_QUANTILE).clamp_min(1e-4))
+        self.calibrated.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return x
+        if self.clip is not None and self.training and not bool(self.calibrated):
+            self._calibrate(x)
         return fake_quant(x, self.spec, self.clip)
 
 
@@ -169,10 +190,19 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
 
 
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Learned quantizer tensors (PACT clips) by state-dict name; empty for dynamic schemes."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(".clip")}
+    """Quantizer tensors (PACT clips and their calibration flags) by state-dict name.
+
+    Empty for dynamic schemes, whose quantizers hold no state.
+    """
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, _ActQuant):
+            for k, v in mod.state_dict().items():
+                out[f"{name}.{k}"] = v.detach().clone()
+    return out
 
 
-def strip_quantizer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The plain HF part of a prepared model's state dict (no quantizer tensors)."""
-    return {k: v for k, v in state.items() if not k.endswith(".clip")}
+def strip_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain HF part of a prepared model's ``state`` dict (no quantizer tensors)."""
+    q = quantizer_state(model)
+    return {k: v for k, v in state.items() if k not in q}

@@ -79,7 +79,7 @@ def test_prepare_swaps_every_quantized_module_and_keeps_parameters(arch):
     # HF parameter names and objects are unchanged; only learned clips are added.
     after = model.state_dict()
     assert set(before) <= set(after)
-    assert all(k.endswith(".clip") for k in set(after) - set(before))
+    assert all(k.endswith((".clip", ".calibrated")) for k in set(after) - set(before))
     assert params_before <= {id(p) for p in model.parameters()}
     # Tied lm_head is trained at the embedding's precision (the matrix export stores once).
     head = get_module(model, spec.lm_head)

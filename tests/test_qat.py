@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from dqtool.cli import main
+from transformers import AutoModelForSeq2SeqLM
+from dqtool.distill import DistillConfig, distill
+from dqtool.manifest import verify_folder
+from dqtool.qat import QSTATE_FILE, load_qat
+from dqtool.qmodules import QuantLinear, prepare
+from dqtool.scheme import QuantScheme
+
+WORDS = "library tool files development data python module documentation server client game network".split()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_dir):
+    import random
+
+    root = tmp_path_factory.mktemp("qat")
+    rnd = random.Random(0)
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 48), ("validation", 8)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                t = " ".join(rnd.choice(WORDS) for _ in range(3))
+                f.write(json.dumps({"source": f"this package provides {t} and more", "target": t}) + "\n")
+    distill(tiny_dir("bart"), root / "student", DistillConfig(encoder_layers=2, decoder_layers=1))
+    return root, data
+
+
+def _args(root, data, out, *extra):
+    return ["qat", str(root / "student"), str(out), "--data", str(data), "--max-steps", "6", "--save-steps", "2",
+            "--batch-size", "8", "--source-max-length", "32", "--target-max-length", "16", *extra]
+
+
+def test_qat_writes_a_folder_that_loads_with_fake_quant(setup):
+    root, data = setup
+    out = root / "q228"
+    r = CliRunner().invoke(main, _args(root, data, out, "--wea", "2-2-8", "--act-clip", "pact",
+                                       "--eval-steps", "2", "--eval-samples", "4"))
+    assert r.exit_code == 0, r.output
+    m = verify_folder(out, "qat")
+    assert m["wea"] == "2-2-8" and m["steps"] == 6 and m["layer_map"] == {"encoder": [0, 3], "decoder": [0]}
+    assert not (root / "q228.partial").exists()
+    model, tok = load_qat(out)
+    assert isinstance(model.model.encoder.layers[0].fc1, QuantLinear)
+    # Clips were calibrated on the first batch (away from their 1.0 placeholder) and are
+    # restored from quantizers.safetensors. (That PACT moves them is tested in test_quant.)
+    clips = load_file(out / QSTATE_FILE)
+    assert all(bool(v) for k, v in clips.items() if k.endswith("calibrated"))
+    assert all(float(v) != 1.0 for k, v in clips.items() if k.endswith(".clip"))
+    assert torch.equal(model.model.encoder.layers[0].fc1.act.clip.detach(),
+                       clips["model.encoder.layers.0.fc1.act.clip"])
+    # The plain checkpoint holds float weights that really changed during training.
+    plain = AutoModelForSeq2SeqLM.from_pretrained(out)
+    start = AutoModelForSeq2SeqLM.from_pretrained(root / "student")
+    start = AutoModelForSeq2SeqLM.from_pretrained(root / "student")
+    assert not torch.equal(plain.model.encoder.layers[0].fc1.weight, start.model.encoder.layers[0].fc1.weight)
+    # load_qat == prepare(plain HF weights) + clips: the same logits.
+    prepare(plain, QuantScheme.from_dict(json.loads((out / "quantization.json").read_text())))
+    plain.load_state_dict(clips, strict=False)
+    batch = tok(["this package provides data"], return_tensors="pt")
+    with torch.no_grad():
+        a = model(**batch, decoder_input_ids=torch.tensor([[2, 5, 6]])).logits
+        b = plain.eval()(**batch, decoder_input_ids=torch.tensor([[2, 5, 6]])).logits
+    assert torch.equal(a, b)
+    r = CliRunner().invoke(main, ["eval", str(out), "--data", str(data), "--split", "validation", "--max-length", "6"])
+    assert r.exit_code == 0 and "(qat)" in r.output
+
+
+def _weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def test_sigkill_then_resume_matches_uninterrupted(setup):
+    root, data = setup
+    env = {**os.environ, "DQTOOL_DEBUG_STEP_SLEEP": "0.5"}
+    killed = root / "killed"
+    cmd = [sys.executable, "-m", "dqtool.cli", *_args(root, data, killed, "--wea", "4-4-8")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = root / "killed.partial" / "checkpoint-2"
+    deadline = time.time() + 120
+    while not (ckpt / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed.exists()  # no output that looks whole
+    r = CliRunner().invoke(main, _args(root, data, killed, "--wea", "4-4-8"))
+    assert r.exit_code == 2 and "--resume" in r.output
+    r = CliRunner().invoke(main, _args(root, data, killed, "--wea", "4-4-8", "--resume"))
+    assert r.exit_code == 0, r.output
+    assert verify_folder(killed, "qat")["resumed_from"].endswith("checkpoint-2") or \
+        verify_folder(killed, "qat")["resumed_from"].endswith("checkpoint-4")
+    full = root / "full"
+    r = CliRunner().invoke(main, _args(root, data, full, "--wea", "4-4-8"))
+    assert r.exit_code == 0, r.output
+    a, b = _weights(killed), _weights(full)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--wea", "5-8-8"], "--wea"),
+    (["--wea", "4-8-8", "--weight-granularity", "group", "--group-size", "5"], "group_size"),
+    (["--loss-task", "0", "--loss-logits", "0", "--loss-hidden", "0", "--loss-attention", "0", "--loss-enc-last", "0"],
+     "all loss weights are 0"),
+    (["--eval-steps", "3"], "--eval-steps 3 must be >= 1 and divide --save-steps"),
+    (["--resume"], "has no checkpoint"),
+])
+def test_bad_config_is_one_line_error(setup, extra, message):
+    root, data = setup
+    out = root / "bad"
+    r = CliRunner().invoke(main, _args(root, data, out, *extra))
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1 and message in r.output, r.output
+    assert not out.exists() and not (root / "bad.partial").exists()
