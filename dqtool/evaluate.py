@@ -140,8 +140,8 @@ def generate(model, tok, sources: list[str], cfg: EvalConfig, max_source_length:
 def evaluate_model(source: str | os.PathLike, out_path: str | os.PathLike | None, cfg: EvalConfig) -> EvalResult:
     """Generate on ``cfg.split`` of ``cfg.data``, score, and optionally write JSON.
 
-    Example:
-        >>> evaluate_model("runs/student", "eval.json", EvalConfig(data="dqtool/assets/data/debian_synopsis"))  # doctest: +SKIP
+    Example (needs real folders, so not run as a doctest)::
+        evaluate_model("runs/student", "eval.json", EvalConfig(data="dqtool/assets/data/debian_synopsis"))
     """
     from dqtool import __version__
     from dqtool.loading import describe_source

@@ -112,8 +112,8 @@ class QATResult:
 def load_qat(folder: str | os.PathLike, device: str | None = None):
     """``(model, tokenizer)`` of a QAT folder with its fake quantization applied.
 
-    Example:
-        >>> model, tok = load_qat("runs/qat-2-2-8")  # doctest: +SKIP
+    Example (needs real folders, so not run as a doctest)::
+        model, tok = load_qat("runs/qat-2-2-8")
     """
     from safetensors.torch import load_file
 
@@ -260,8 +260,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         force: bool = False, resume: bool = False, progress: bool = True) -> QATResult:
     """Fine-tune ``student`` with fake quantization and distillation; write the QAT folder.
 
-    Example:
-        >>> qat("runs/student", "runs/qat", QATConfig(data="data/", scheme=QuantScheme.from_wea("2-2-8")))  # doctest: +SKIP
+    Example (needs real folders, so not run as a doctest)::
+        qat("runs/student", "runs/qat", QATConfig(data="data/", scheme=QuantScheme.from_wea("2-2-8")))
     """
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
 
