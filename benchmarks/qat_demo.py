@@ -1,0 +1,106 @@
+"""QAT with and without distillation on the demo teacher (issue: dqtool qat must-show).
+
+Runs, through dqtool's own Python API (the same code as the CLI):
+
+    distill  teacher -> student (E encoder / D decoder layers)
+    qat      8-8-8 with distillation, 2-2-8 with distillation, 2-2-8 task loss only
+    eval     teacher, un-tuned student and every QAT student on the test split
+
+and writes ``benchmarks/results/qat_demo.{json,md}``. Each cell is skipped when its
+output folder already exists, so an interrupted run continues where it stopped.
+
+Usage::
+
+    .venv/bin/python benchmarks/qat_demo.py --teacher runs/demo/teacher --work runs/qat_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from dqtool.data import DataConfig
+from dqtool.distill import DistillConfig, distill
+from dqtool.evaluate import EvalConfig, evaluate_model
+from dqtool.losses import LossConfig
+from dqtool.qat import QATConfig, qat
+from dqtool.scheme import QuantScheme
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"
+
+CELLS = {  # name -> (W-E-A, loss config)
+    "8-8-8 distill": ("8-8-8", LossConfig()),
+    "2-2-8 distill": ("2-2-8", LossConfig()),
+    "2-2-8 no distill": ("2-2-8", LossConfig(task=1, logits=0, hidden=0, attention=0, enc_last=0)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("runs/qat_demo"))
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--encoder-layers", type=int, default=2)
+    ap.add_argument("--decoder-layers", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "qat_demo")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = args.work
+    student = work / "student"
+    if not student.exists():
+        distill(args.teacher, student, DistillConfig(encoder_layers=args.encoder_layers,
+                                                     decoder_layers=args.decoder_layers))
+    dcfg = DataConfig(source_max_length=128)
+    ecfg = EvalConfig(data=str(args.data), split="test", data_cfg=dcfg, max_samples=args.eval_samples,
+                      max_length=32, batch_size=64)
+    rows = []
+
+    def evaluate(name, folder, extra):
+        r = evaluate_model(folder, None, ecfg)
+        rows.append({"model": name, **{k: round(v, 2) for k, v in r.metrics.items()},
+                     "eval_seconds": round(r.seconds, 1), **extra})
+        print(rows[-1], flush=True)
+
+    evaluate("teacher (float)", args.teacher, {})
+    evaluate(f"student {args.encoder_layers}-{args.decoder_layers} layer copy, no tuning", student, {})
+    for name, (wea, losses) in CELLS.items():
+        out = work / name.replace(" ", "_")
+        seconds = None
+        if not out.exists():
+            t0 = time.time()
+            qat(student, out, QATConfig(data=str(args.data), scheme=QuantScheme.from_wea(wea), losses=losses,
+                                        max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                        source_max_length=128, target_max_length=32, save_steps=args.steps),
+                progress=False)
+            seconds = round(time.time() - t0, 1)
+        evaluate(f"student {args.encoder_layers}-{args.decoder_layers} QAT {name}", out,
+                 {"train_seconds": seconds, "steps": args.steps})
+    meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+            "torch": torch.__version__, "teacher": str(args.teacher), "eval_rows": args.eval_samples,
+            "decode": "greedy, max 32 tokens", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = ["# QAT with and without distillation (demo teacher)", "",
+             f"Machine: {meta['machine']}, torch {meta['torch']}. Test split, first {args.eval_samples} rows, "
+             f"{meta['decode']}. QAT: {args.steps} steps, batch {args.batch_size}, lr {args.lr}.", "",
+             "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | train s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
+                     f"{r.get('train_seconds') or ''} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
