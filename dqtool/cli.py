@@ -86,18 +86,21 @@ def distill(teacher, out, encoder_layers, decoder_layers, map_scheme, encoder_ma
 @click.option("--max-length", type=int, default=None, help="Maximum generated tokens (overrides the preset).")
 @click.option("--min-length", type=int, default=None, help="Minimum generated tokens (overrides the preset).")
 @click.option("--length-penalty", type=float, default=None, help="Beam length penalty (overrides the preset).")
+@click.option("--no-repeat-ngram-size", type=int, default=None,
+              help="Forbid repeating n-grams of this size, 0 = off (overrides the preset).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Rows per generate call.")
 @click.option("--max-samples", type=int, default=None, help="Evaluate only the first N rows.")
 @click.option("--metrics", default="rouge", show_default=True, help="Comma-separated: rouge, bleu (BLEU and chrF).")
 @click.option("--source-field", default="source", show_default=True, help="Source text field/column.")
 @click.option("--target-field", default="target", show_default=True, help="Reference text field/column.")
-@click.option("--source-max-length", type=int, default=512, show_default=True, help="Source tokens kept (truncated).")
+@click.option("--source-max-length", type=int, default=512, show_default=True,
+              help="Source tokens kept (truncated; also capped at the model's position table).")
 @click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write metrics, config and predictions to this JSON file.")
-def eval_(model, data, split, preset, num_beams, max_length, min_length, length_penalty, batch_size, max_samples,
-          metrics, source_field, target_field, source_max_length, prefix, device, out_path):
+def eval_(model, data, split, preset, num_beams, max_length, min_length, length_penalty, no_repeat_ngram_size,
+          batch_size, max_samples, metrics, source_field, target_field, source_max_length, prefix, device, out_path):
     """Generate with MODEL on a data split and print ROUGE (and BLEU/chrF).
 
     MODEL is a Hugging Face model folder or hub id, or a 'dqtool qat' output folder.
@@ -106,7 +109,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
     from dqtool.evaluate import EvalConfig, evaluate_model
 
     overrides = {k: v for k, v in dict(num_beams=num_beams, max_length=max_length, min_length=min_length,
-                                       length_penalty=length_penalty).items() if v is not None}
+                                       length_penalty=length_penalty,
+                                       no_repeat_ngram_size=no_repeat_ngram_size).items() if v is not None}
     dcfg = DataConfig(source_field=source_field, target_field=target_field, prefix=prefix,
                       source_max_length=source_max_length)
     cfg = EvalConfig.preset(preset, data=data, split=split, data_cfg=dcfg, batch_size=batch_size,
@@ -116,6 +120,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
     click.echo(f"{model} ({res.model_kind}) on {split}: {len(res.predictions)} rows in {res.seconds:.1f}s")
     for k, v in res.metrics.items():
         click.echo(f"  {k:<10} {v:8.2f}")
+    if out_path:
+        click.echo(f"  written to {out_path}")
 
 
 @main.command()

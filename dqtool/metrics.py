@@ -3,8 +3,17 @@
 ROUGE is the F-measure x100 averaged over rows, with Porter stemming as in the BART
 and DQ-BART papers. ROUGE-Lsum needs one sentence per line; nltk's punkt model is
 not available offline, so sentences are split with a small regex (end punctuation
-followed by white space), which matches punkt on ordinary prose.
-BLEU and chrF are sacrebleu's corpus-level scores with its default settings.
+followed by white space). It agrees with punkt on ordinary prose but also splits after
+abbreviations ("e.g. x", "Dr. Smith"); that only moves ROUGE-Lsum, never 1/2/L.
+BLEU and chrF are sacrebleu's corpus-level scores with its default settings (BLEU:
+13a tokenization, case-sensitive, ``exp`` smoothing; chrF: character 6-grams, beta 2).
+
+rouge-score's tokenizer keeps only ``[a-z0-9]`` after lowercasing, so ROUGE of text in
+non-Latin scripts is meaningless (all tokens vanish); that matches how the BART and
+DQ-BART papers score English summaries. Score translation (mBART, Marian) with BLEU/chrF.
+
+The mean over rows equals the "mid" of the bootstrap aggregate that Hugging Face's
+``rouge`` metric (used by the DQ-BART code) reports, up to resampling noise.
 """
 
 from __future__ import annotations
@@ -69,6 +78,8 @@ def score(predictions: list[str], references: list[str], metrics=METRICS) -> dic
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions vs {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions to score")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise DQToolError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)}")
