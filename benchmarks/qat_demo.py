@@ -38,7 +38,12 @@ CELLS = {  # name -> (W-E-A, loss config)
     "8-8-8 distill": ("8-8-8", LossConfig()),
     "2-2-8 distill": ("2-2-8", LossConfig()),
     "2-2-8 no distill": ("2-2-8", LossConfig(task=1, logits=0, hidden=0, attention=0, enc_last=0)),
+    "2-2-8 distill KL": ("2-2-8", LossConfig(logits_kind="kl", temperature=2.0)),
+    "2-2-8 logits-KL only": ("2-2-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0, attention=0,
+                                                 enc_last=0)),
+    "2-2-8 logits-MSE only": ("2-2-8", LossConfig(hidden=0, attention=0, enc_last=0)),
 }
+DEFAULT_CELLS = ("8-8-8 distill", "2-2-8 distill", "2-2-8 no distill")
 
 
 def main() -> None:
@@ -53,6 +58,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cells", default=",".join(DEFAULT_CELLS),
+                    help=f"comma-separated cells to run, from: {', '.join(CELLS)}")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "qat_demo")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,7 +81,8 @@ def main() -> None:
 
     evaluate("teacher (float)", args.teacher, {})
     evaluate(f"student {args.encoder_layers}-{args.decoder_layers} layer copy, no tuning", student, {})
-    for name, (wea, losses) in CELLS.items():
+    for name in args.cells.split(","):
+        wea, losses = CELLS[name]
         out = work / name.replace(" ", "_")
         seconds = None
         if not out.exists():
