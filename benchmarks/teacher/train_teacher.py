@@ -168,23 +168,14 @@ def generation_config(tok, max_target: int) -> GenerationConfig:
 
 
 def save_atomically(out: Path, model, tok, gen_cfg, info: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Save the teacher through dqtool's atomic output (temp folder + rename, old kept until then)."""
+    from dqtool.manifest import atomic_output
+
+    with atomic_output(out, force=True) as tmp:
         model.generation_config = gen_cfg
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # keep the old folder until the new one is in place
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def run_phase(model, tok, ds, steps, recipe, seed, collator, guard) -> Seq2SeqTrainer:
