@@ -32,7 +32,7 @@ import torch
 
 from dqtool.errors import DQToolError
 from dqtool.losses import LossConfig, distill_losses
-from dqtool.manifest import atomic_output, check_output, read_manifest, sha256_file, write_manifest
+from dqtool.manifest import atomic_output, check_output, hash_folder, read_manifest, sha256_file, write_manifest
 from dqtool.qmodules import ATTN_IMPL, prepare, quantizer_state, strip_quantizer_state
 from dqtool.registry import num_layers, spec_for
 from dqtool.scheme import QuantScheme
@@ -352,9 +352,10 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
 
 
 def _describe_data(cfg: QATConfig) -> dict:
+    # hash_folder keys by relative path, so nested datasets files cannot collide by name.
     p = Path(cfg.data)
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
-    return {"path": str(p.resolve()), "sha256": {f.name: sha256_file(f) for f in files if f.is_file()}}
+    hashes = hash_folder(p, exclude=()) if p.is_dir() else {p.name: sha256_file(p)}
+    return {"path": str(p.resolve()), "sha256": hashes}
 
 
 def _save_qat(model, tok, folder: Path, scheme: QuantScheme) -> None:
