@@ -103,7 +103,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
           batch_size, max_samples, metrics, source_field, target_field, source_max_length, prefix, device, out_path):
     """Generate with MODEL on a data split and print ROUGE (and BLEU/chrF).
 
-    MODEL is a Hugging Face model folder or hub id, or a 'dqtool qat' output folder.
+    MODEL is a Hugging Face model folder or hub id, a 'dqtool qat' output or a 'dqtool convert' output.
     """
     from dqtool.data import DataConfig
     from dqtool.evaluate import EvalConfig, evaluate_model
@@ -191,6 +191,46 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
     result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
     click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
                + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
+
+
+def _kb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,} bytes ({n / 1024:.1f} KiB)"
+
+
+@main.command()
+@click.argument("qat_dir", metavar="QAT", type=click.Path(exists=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--float-dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True,
+              help="Dtype of what stays in floating point (norms, biases, positions): auto = float16 when the packed "
+                   "model stays within --tolerance of the QAT model with identical greedy tokens, else float32.")
+@click.option("--tolerance", type=float, default=1e-3, show_default=True,
+              help="Largest max|dlogit| / max|logit| that --float-dtype auto accepts for float16.")
+@click.option("--check-samples", type=int, default=8, show_default=True,
+              help="Random check inputs compared between the QAT and the packed model.")
+@click.option("--teacher", default=None,
+              help="fp32 teacher folder for the compression ratio (default: the teacher the QAT manifest records).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
+def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force):
+    """Pack the fake-quant weights of a 'dqtool qat' folder QAT into true integers in OUT.
+
+    Prints the footprint: the weights file, the bit-count bound of the scheme, and the
+    ratio to the fp32 teacher checkpoint.
+    """
+    from dqtool.convert import ConvertConfig, convert as run_convert
+
+    cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher)
+    r = run_convert(qat_dir, out, cfg, force=force)
+    f, c = r.footprint, r.check
+    click.echo(f"packed student ({r.wea}) written to {r.out_dir}")
+    click.echo(f"  weights file   {_kb(f['packed_file_bytes'])}")
+    click.echo(f"  bit bound      {_kb(f['bound']['total'])} (codes {f['bound']['codes']:,} + scales "
+               f"{f['bound']['scales']:,} + floats {f['bound']['floats']:,}); file is {100 * f['over_bound']:.1f}% above")
+    click.echo(f"  fp32 teacher   {_kb(f['teacher_fp32_bytes'])}"
+               + (f" -> {f['ratio_to_teacher']:.2f}x smaller" if f['ratio_to_teacher'] else " (teacher not found)"))
+    click.echo(f"  floats stored as {r.float_dtype}; packed vs QAT logits: max |d| {c['max_abs']:.3g}"
+               f"{' (bit-exact)' if c['bit_exact'] else ''}, greedy tokens "
+               f"{'identical' if c['tokens_equal'] else 'DIFFER'} on {c['samples']} check inputs")
 
 
 if __name__ == "__main__":

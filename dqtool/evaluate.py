@@ -1,10 +1,11 @@
 """``dqtool eval``: generate on a data split and score it.
 
 Model folders are recognised by what they hold (:data:`MODEL_KINDS`, most specific
-first): a QAT folder (fake quantization applied) or a Hugging Face folder (teacher or
+first): a packed folder (integer weights, ``dqtool convert``), a QAT folder (fake
+quantization applied) or a Hugging Face folder (teacher or
 distilled student). Whatever a kind's loader returns only needs Hugging Face's
 ``generate(input_ids=, attention_mask=, **kwargs)`` and a ``config``, so a later stage
-adds a packed-integer or ONNX folder with one more :class:`ModelKind` entry.
+adds an ONNX folder with one more :class:`ModelKind` entry.
 
 Presets are the generation settings of the DQ-BART code (``run_summarization_no_trainer.py``
 sets them per data set) and of the fine-tuned BART checkpoints' ``task_specific_params``:
@@ -171,9 +172,22 @@ def _load_hf(source: str):
     return load_seq2seq(source)
 
 
+def _is_packed(p: Path) -> bool:
+    from dqtool.convert import is_packed_folder
+
+    return is_packed_folder(p)
+
+
+def _load_packed(source: str):
+    from dqtool.convert import load_packed
+
+    return load_packed(source)
+
+
 # Most specific first: a QAT folder is also a valid HF folder (its fake quantization
 # would silently be dropped if the HF loader saw it first).
 MODEL_KINDS: list[ModelKind] = [
+    ModelKind("packed", "a 'dqtool convert' output (packing.json)", _is_packed, _load_packed),
     ModelKind("qat", "a 'dqtool qat' output (quantization.json)", _is_qat, _load_qat),
     ModelKind("hf", "a Hugging Face model folder (config.json + weights)", lambda p: (p / "config.json").is_file(),
               _load_hf),
@@ -188,7 +202,7 @@ def model_kind(source: str | os.PathLike) -> str:
         >>> model_kind(tempfile.mkdtemp())
         Traceback (most recent call last):
         ...
-        dqtool.errors.DQToolError: ... is not a model folder: pass a 'dqtool qat' output (quantization.json) or a Hugging Face model folder (config.json + weights)
+        dqtool.errors.DQToolError: ... is not a model folder: pass a 'dqtool convert' output (packing.json) or a 'dqtool qat' output (quantization.json) or a Hugging Face model folder (config.json + weights)
     """
     p = Path(source)
     if not p.is_dir():
