@@ -118,5 +118,5 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         byte_w = torch.arange(8, device=packed.device, dtype=torch.uint8)
         stream = ((packed.unsqueeze(-1) >> byte_w) & 1).reshape(*lead, -1)[..., : n * bits]
         weights = torch.arange(bits, device=packed.device, dtype=torch.uint8)
-        u = (stream.reshape(*lead, n, bits) << weights).sum(-1, dtype=torch.int16)
-    return (u.to(torch.int16) - zero_point(bits)).to(torch.int8)
+        u = (stream.reshape(*lead, n, bits) << weights).sum(-1, dtype=torch.int32)
+    return (u.to(torch.int32) - zero_point(bits)).to(torch.int8)

@@ -83,6 +83,7 @@ class PackedLinear(nn.Module):
         else:
             self.bias = None
         self.act = act if act is not None else nn.Identity()
+        self.onnx_plan = None  # set by the ONNX exporter: forward then emits ORT's quantized ops
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit)."""
@@ -91,6 +92,10 @@ class PackedLinear(nn.Module):
         return dequantize(codes, _scale_view(src.scale, self.spec), self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if self.onnx_plan is not None:
+            from dqtool.onnx_ops import onnx_linear
+
+            return onnx_linear(self, x)
         return F.linear(self.act(x), self.weight(), self.bias)
 
     def extra_repr(self) -> str:

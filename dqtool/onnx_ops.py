@@ -1,0 +1,179 @@
+"""Export-mode packed Linears: PyTorch forward = the packed runtime, ONNX symbolic = ORT's
+quantized ops on the trained integers.
+
+:func:`onnx_linear` is a :class:`~dqtool.packed.PackedLinear`'s forward while exporting. It
+computes exactly what the packed runtime computes (so optimum's tracing and
+any check run the trained numerics); the TorchScript exporter calls the autograd
+function's ``symbolic`` instead, which writes one of two ONNX Runtime paths:
+
+``integer`` (8-bit-or-less symmetric activations, or asymmetric 8-bit; weights per row
+or per tensor) -- bit-faithful up to float rounding of the final rescale::
+
+    x --(|x|max/qmax | PACT clip)--> int8 codes  --MatMulInteger(int8 W codes [K, N])--> int32
+      --Cast--> * (s_x * s_w[N]) + bias
+    asymmetric 8-bit: DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp) (ORT fuses
+    these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
+
+  W codes are stored packed (``qweight``, dqtool.pack layout); the graph unpacks them
+  with BitShift/BitwiseAnd/Cast/Transpose on the initializer only, which ONNX Runtime
+  constant-folds when the session starts: the file keeps 2/4 bits per weight, the
+  kernels see int8.
+
+``nbits`` (weight-only schemes, group-wise scales, or on request) -- ``MatMulNBits`` with
+the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the scales
+repeated per block (exact: the same scale). Activations, when the scheme quantizes them,
+are fake-quantized in the graph first; with ``accuracy_level=4`` ORT then re-quantizes A
+per block to int8 for speed (an approximation of training's per-tensor grid), with
+``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dqtool.pack import row_bytes, unpack_codes, zero_point
+from dqtool.quant import QuantSpec, dequantize, fake_quant
+
+INTEGER, NBITS = "integer", "nbits"
+NBITS_BITS = (2, 4, 8)            # MatMulNBits CPU kernels in onnxruntime 1.32 (not 3)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one Linear is exported (decided, and validated, before export)."""
+
+    path: str                  # integer | nbits
+    bits: int
+    in_features: int
+    out_features: int
+    a_bits: int | None         # None: activations stay float
+    a_symmetric: bool
+    clip: float                # learned PACT clip, 0.0 when dynamic
+    block_size: int = 0        # nbits only
+    accuracy_level: int = 4    # nbits only
+
+
+def choose_block(spec: QuantSpec, k: int) -> int:
+    """MatMulNBits block size for a weight: its group size, or (row/tensor scales) the
+    largest of 32/16 dividing K; 0 when none fits.
+
+    Example:
+        >>> choose_block(QuantSpec.weight(4, "row"), 768), choose_block(QuantSpec.weight(4, "group", 64), 768)
+        (32, 64)
+    """
+    if spec.granularity == "group":
+        return spec.group_size if spec.group_size in BLOCK_SIZES else 0
+    for b in (32, 16):
+        if k % b == 0:
+            return b
+    return 0
+
+
+# --------------------------------------------------------------------------- symbolic helpers
+
+def _const(g, value, dtype):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _onnx_type(name: str) -> int:
+    import onnx
+
+    return getattr(onnx.TensorProto, name)
+
+
+def _act_codes(g, x, plan: LinearPlan):
+    """ONNX ops giving ``(codes int8/uint8, scale, zero_point|None)`` of the activation,
+    with the same float ops as :func:`dqtool.quant.quantize` / ``activation_qparams``."""
+    if not plan.a_symmetric:
+        q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        return q, s, zp
+    qmax = 2 ** (plan.a_bits - 1) - 1
+    if plan.clip > 0:
+        c = torch.tensor(plan.clip, dtype=torch.float32)
+        x = g.op("Clip", x, _const(g, -c.item(), torch.float32), _const(g, c.item(), torch.float32))
+        s = _const(g, (c / qmax).clamp_min(1e-8).item(), torch.float32)
+    else:
+        amax = g.op("ReduceMax", g.op("Abs", x), keepdims_i=0)
+        s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), torch.float32)), _const(g, 1e-8, torch.float32))
+    r = g.op("Round", g.op("Div", x, s))
+    r = g.op("Clip", r, _const(g, float(-qmax), torch.float32), _const(g, float(qmax), torch.float32))
+    return g.op("Cast", r, to_i=_onnx_type("INT8")), s, None
+
+
+def _weight_codes_kn(g, qweight, plan: LinearPlan):
+    """int8 codes ``[K, N]`` from the packed ``[N, row_bytes]`` initializer (constant-folded by ORT)."""
+    bits, k, n = plan.bits, plan.in_features, plan.out_features
+    u = qweight
+    if bits != 8:
+        per = 8 // bits
+        shifts = _const(g, [i * bits for i in range(per)], torch.uint8)
+        u = g.op("BitShift", g.op("Unsqueeze", u, _const(g, [-1], torch.int64)), shifts, direction_s="RIGHT")
+        u = g.op("BitwiseAnd", u, _const(g, (1 << bits) - 1, torch.uint8))
+        u = g.op("Reshape", u, _const(g, [n, row_bytes(k, bits) * per], torch.int64))
+        u = g.op("Slice", u, _const(g, [0], torch.int64), _const(g, [k], torch.int64), _const(g, [1], torch.int64))
+    c = g.op("Sub", g.op("Cast", u, to_i=_onnx_type("INT32")), _const(g, zero_point(bits), torch.int32))
+    return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("INT8")), perm_i=[1, 0])
+
+
+def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
+    """MatMulNBits' ``B [N, K/block, blob]`` and ``scales [N, K/block]`` from the stored
+    packed rows and scales (Reshape/Expand on initializers: constant-folded by ORT, so the
+    file holds each tensor once, also for a tied lm_head)."""
+    n, nb = plan.out_features, plan.in_features // plan.block_size
+    b = g.op("Reshape", qweight, _const(g, [n, nb, plan.block_size * plan.bits // 8], torch.int64))
+    if spec.granularity == "group":
+        s = scale
+    else:
+        col = g.op("Reshape", scale, _const(g, [-1, 1], torch.int64))          # [N, 1] or [1, 1]
+        s = g.op("Expand", col, _const(g, [n, nb], torch.int64))
+    return b, s
+
+
+class _QLinearFn(torch.autograd.Function):
+    """Forward: the packed runtime's numerics. Symbolic: ORT's quantized ops."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias, plan: LinearPlan, spec: QuantSpec, aspec: QuantSpec | None):
+        if aspec is not None:
+            clip = torch.tensor(plan.clip, dtype=x.dtype) if plan.clip > 0 else None
+            x = fake_quant(x, aspec, clip)
+        codes = unpack_codes(qweight, plan.bits, plan.in_features)              # [N, K] int8
+        s = scale if spec.granularity == "tensor" else scale.unsqueeze(-1)
+        return F.linear(x, dequantize(codes, s, spec), bias)
+
+    @staticmethod
+    def symbolic(g, x, qweight, scale, bias, plan: LinearPlan, spec, aspec):
+        if plan.path == INTEGER:
+            q, s, zp = _act_codes(g, x, plan)
+            w = _weight_codes_kn(g, qweight, plan)
+            y = g.op("MatMulInteger", q, w, zp) if zp is not None else g.op("MatMulInteger", q, w)
+            y = g.op("Mul", g.op("Cast", y, to_i=_onnx_type("FLOAT")), g.op("Mul", s, scale))
+        else:
+            a = x
+            if plan.a_bits is not None:
+                q, s, zp = _act_codes(g, x, plan)
+                a = (g.op("DequantizeLinear", q, s, zp) if zp is not None
+                     else g.op("Mul", g.op("Cast", q, to_i=_onnx_type("FLOAT")), s))
+            b, sc = _nbits_inputs(g, qweight, scale, plan, spec)
+            y = g.op("com.microsoft::MatMulNBits", a, b, sc, K_i=plan.in_features, N_i=plan.out_features,
+                     bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
+        return g.op("Add", y, bias)
+
+
+def onnx_linear(packed, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a :class:`~dqtool.packed.PackedLinear` whose ``onnx_plan`` is set (export mode).
+
+    The packed module stays where it is, so its ``qweight`` / ``scale`` buffers (for a
+    tied lm_head, the embedding's) become ONNX initializers under their packed names,
+    and a tied matrix is one initializer. A Linear without bias adds a zero vector, so
+    every exported Linear has the same node pattern.
+    """
+    src = packed.tied_to if packed.tied_to is not None else packed
+    plan = packed.onnx_plan
+    bias = packed.bias if packed.bias is not None else torch.zeros(plan.out_features, dtype=src.scale.dtype)
+    return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, packed.spec, packed.act.spec
+                            if isinstance(getattr(packed.act, "spec", None), QuantSpec) else None)
