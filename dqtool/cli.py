@@ -233,5 +233,37 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force)
                f"{'identical' if c['tokens_equal'] else 'DIFFER'} on {c['samples']} check inputs")
 
 
+@main.command()
+@click.argument("packed", type=click.Path(exists=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--matmul", type=click.Choice(["auto", "integer", "nbits"]), default="auto", show_default=True,
+              help="Quantized Linear op: integer = MatMulInteger on int8 activation codes (bit-faithful, fast for many "
+                   "rows), nbits = MatMulNBits (weight-only / group-wise schemes), auto = integer where the scheme "
+                   "quantizes activations with per-row or per-tensor weight scales, else nbits.")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
+@click.option("--rtol", type=float, default=1e-2, show_default=True,
+              help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
+def export(packed, out, matmul, accuracy_level, rtol, force):
+    """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
+
+    Every export is validated against the packed PyTorch model before OUT appears.
+    """
+    from dqtool.export import ExportConfig, export as run_export
+
+    r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol),
+                   force=force)
+    c, s = r.check, r.sizes
+    click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "
+               f"{r.paths['nbits']} as MatMulNBits")
+    click.echo(f"  weights {_kb(s.get('weights.onnx_data'))} (packed file {_kb(s.get('packed_file_bytes'))}), "
+               f"graphs {_kb(s.get('encoder_model.onnx', 0) + s.get('decoder_model_merged.onnx', 0))}, "
+               f"folder {_kb(s['total'])}")
+    click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
+               f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "
+               f"{'identical' if c['argmax_equal'] else 'DIFFER'}")
+
+
 if __name__ == "__main__":
     main()

@@ -161,12 +161,14 @@ def canonical_names(model) -> dict[str, str]:
     return out
 
 
-def rename_initializers(onnx_model, names: dict[str, str]) -> dict[str, str]:
+def rename_initializers(onnx_model, names: dict[str, str], root: str = "") -> dict[str, str]:
     """Give initializers their packed-model names; return ``{old: new}``.
 
     optimum names the encoder's tensors relative to the encoder module (``layers.0...``)
-    and suffixes the merged decoder's with ``_merged_0``; a name is mapped to the unique
-    model name it is a dotted suffix of, then to that tensor's canonical (first) name.
+    and suffixes the merged decoder's with ``_merged_0``. A name is mapped to
+    ``root.name`` when that is a model name (``root`` = the exported submodule, e.g.
+    ``model.encoder``), else to the unique model name it is a dotted suffix of; then to
+    that tensor's canonical (first) name.
     """
     suffixes: dict[str, set[str]] = {}
     for full, canon in names.items():
@@ -178,7 +180,9 @@ def rename_initializers(onnx_model, names: dict[str, str]) -> dict[str, str]:
         for init in g.initializer:
             base = init.name[: -len("_merged_0")] if init.name.endswith("_merged_0") else init.name
             cands = suffixes.get(base, set())
-            if len(cands) == 1:
+            if root and f"{root}.{base}" in names:
+                mapping[init.name] = names[f"{root}.{base}"]
+            elif len(cands) == 1:
                 mapping[init.name] = next(iter(cands))
     for g in _all_graphs(onnx_model.graph):
         for init in g.initializer:
@@ -387,6 +391,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
 
     from dqtool.convert import is_packed_folder, load_packed
     from dqtool.loading import describe_source
+    from dqtool.registry import spec_for
 
     cfg = cfg or ExportConfig()
     out = check_output(out_dir, force)
@@ -415,10 +420,11 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
                 if name in plans:
                     mod.onnx_plan = None
         names = canonical_names(model)
+        encoder_root = spec_for(model.config).encoder.layers_path.rsplit(".", 1)[0]
         models = {}
         for fname in (ENCODER_FILE, DECODER_FILE):
             m = onnx.load(str(raw / fname))
-            rename_initializers(m, names)
+            rename_initializers(m, names, encoder_root if fname == ENCODER_FILE else "")
             compact_names(m)
             models[fname] = m
         shared = share_external_data(models, tmp)

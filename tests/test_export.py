@@ -1,0 +1,136 @@
+"""dqtool export: ORT quantized ops on the trained integers, validated against the packed
+PyTorch runtime; one copy of every weight; clear errors for what ORT cannot run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dqtool.cli import main
+from dqtool.convert import ConvertConfig, convert, load_packed
+from dqtool.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
+from dqtool.manifest import verify_folder
+from test_convert import make_qat
+
+
+def _packed(root: Path, arch: str, scheme: str) -> Path:
+    q = make_qat(root / "qat", arch, scheme)
+    convert(q, root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
+    return root / "packed"
+
+
+def _ops(folder: Path) -> set[str]:
+    ops = set()
+    for f in (ENCODER_FILE, DECODER_FILE):
+        m = onnx.load(str(folder / f), load_external_data=False)
+        ops |= {n.op_type for g in _all_graphs(m.graph) for n in g.node}
+    return ops
+
+
+def _inits(folder: Path, fname: str) -> dict:
+    m = onnx.load(str(folder / fname), load_external_data=False)
+    return {i.name: i for g in _all_graphs(m.graph) for i in g.initializer}
+
+
+@pytest.mark.parametrize("arch,scheme,matmul,op", [
+    ("bart", "2-2-8", "auto", "MatMulInteger"),
+    ("t5", "2-2-8", "auto", "MatMulInteger"),
+    ("marian", "8-8-8-asym", "auto", "MatMulInteger"),
+    ("bart", "2-2-8", "nbits", "MatMulNBits"),
+    ("t5v1_1", "8-8-8-pact", "auto", "MatMulInteger"),
+])
+def test_export_uses_quantized_ops_and_generates_like_packed_runtime(tmp_path, arch, scheme, matmul, op):
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    packed = _packed(tmp_path, arch, scheme)
+    r = export(packed, tmp_path / "onnx", ExportConfig(matmul=matmul))
+    out = tmp_path / "onnx"
+    m = verify_folder(out, "export")
+    ops = _ops(out)
+    assert op in ops  # (plain MatMul remains for the attention products q.k and probs.v)
+    assert r.paths[matmul if matmul != "auto" else "integer"] > 0
+    assert r.check["argmax_equal"] and r.check["decoder_logits_rel"] <= r.check["rtol"]
+    if matmul == "auto":
+        # Integer path: codes and scales exact; only float rounding outside the integer matmul.
+        assert r.check["encoder_rel"] < 1e-3
+    assert m["check"] == r.check
+    # optimum's ORTModelForSeq2SeqLM loads the folder (shared external data) and generates the
+    # packed PyTorch runtime's greedy tokens.
+    ref, _ = load_packed(packed)
+    ids = torch.randint(4, 300, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ort_model = ORTModelForSeq2SeqLM.from_pretrained(out)
+    gen = dict(max_new_tokens=8, do_sample=False, num_beams=1)
+    assert ort_model.generate(input_ids=ids, attention_mask=mask, **gen).tolist() == \
+        ref.generate(input_ids=ids, attention_mask=mask, **gen).tolist()
+
+
+def test_weights_are_stored_once_under_packed_names(tmp_path):
+    packed = _packed(tmp_path, "bart", "2-2-8")
+    export(packed, tmp_path / "onnx")
+    out = tmp_path / "onnx"
+    enc, dec = _inits(out, ENCODER_FILE), _inits(out, DECODER_FILE)
+    # Packed names, as in packed.safetensors; the tied embedding is one tensor for
+    # encoder Gather, decoder Gather and lm_head.
+    assert "model.encoder.layers.0.fc1.qweight" in enc and "model.decoder.layers.0.fc1.qweight" in dec
+    assert "model.shared.qweight" in enc and "model.shared.qweight" in dec
+    assert not any("lm_head" in n and "qweight" in n for n in dec)
+    locs = {}
+    for name, init in {**enc, **dec}.items():
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in init.external_data}
+            assert ext["location"] == DATA_FILE
+            locs.setdefault(name, set()).add((ext["offset"], ext["length"]))
+    assert all(len(v) == 1 for v in locs.values())  # same bytes for both graphs
+    spans = sorted((int(o), int(n)) for v in locs.values() for o, n in v)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor written twice
+    # The weights file is the packed weights (codes at their bit width), not an unpacked copy.
+    packed_bytes = (packed / "packed.safetensors").stat().st_size
+    assert (out / DATA_FILE).stat().st_size < 1.2 * packed_bytes
+    qw = dec["model.decoder.layers.0.fc1.qweight"]
+    assert qw.data_type == onnx.TensorProto.UINT8 and list(qw.dims) == [32, 4]  # 16 ternary codes in 4 bytes
+
+
+def test_initializer_scan_finds_a_float_copy(tmp_path):
+    packed = _packed(tmp_path, "bart", "2-2-8")
+    export(packed, tmp_path / "onnx")
+    out = tmp_path / "onnx"
+    model, _ = load_packed(packed)
+    models = {f: onnx.load(str(out / f)) for f in (ENCODER_FILE, DECODER_FILE)}
+    assert float_copies(models, out, model) == []
+    w = model.model.encoder.layers[0].fc1.weight().detach().numpy()
+    models[ENCODER_FILE].graph.initializer.append(onnx.numpy_helper.from_array(w.T.copy(), "leak"))
+    assert float_copies(models, out, model) == [f"{ENCODER_FILE}:leak == model.encoder.layers.0.fc1"]
+
+
+@pytest.mark.parametrize("scheme,args,message", [
+    ("3-4-none", [], "choose W bits 2, 4 or 8"),
+    ("4-4-8-g8", [], "choose a group size of 16"),
+    ("4-4-8-g8", ["--matmul", "integer"], "group-wise weight scales vary"),
+])
+def test_unsupported_scheme_is_refused_before_export(tmp_path, scheme, args, message):
+    packed = _packed(tmp_path, "bart", scheme)
+    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx"), *args])
+    assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "onnx").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx")]
+
+
+def test_cli_export_and_bad_inputs(tmp_path):
+    packed = _packed(tmp_path, "bart", "2-2-8")
+    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+    assert r.exit_code == 0, r.output
+    assert "MatMulInteger" in r.output and "identical" in r.output
+    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+    assert r.exit_code == 2 and "--force" in r.output
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "qat"), str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "not a packed folder" in r.output
+    (packed / "packing.json").write_text(json.dumps({"tampered": True}))
+    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "does not match its hash" in r.output
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
