@@ -8,6 +8,7 @@ stderr and exit code 2; nothing else about a stage lives here.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -263,6 +264,97 @@ def export(packed, out, matmul, accuracy_level, rtol, force):
     click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
                f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "
                f"{'identical' if c['argmax_equal'] else 'DIFFER'}")
+
+
+def _gates_table(rows: list[dict]) -> str:
+    lines = [f"  {'model':<28} {'gate':<18} {'value':>10} {'limit':>10}  result"]
+    for g in rows:
+        v = "missing" if g["value"] is None else f"{g['value']:.4g}"
+        lines.append(f"  {g['model']:<28} {g['gate']:<18} {v:>10} {g['limit']:>10.4g}  {'ok' if g['ok'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def _gate_options(f):
+    f = click.option("--max-latency", type=float, default=None,
+                     help="Gate: decode ms per token (first batch size) at most this.")(f)
+    f = click.option("--max-quality-drop", type=float, default=None,
+                     help="Gate: (teacher ROUGE-L - model ROUGE-L) / teacher ROUGE-L at most this (0.05 = 5%).")(f)
+    f = click.option("--min-ratio", type=float, default=None,
+                     help="Gate: fp32 teacher bytes / model bytes at least this.")(f)
+    return f
+
+
+def _finish_gates(results: list[dict]) -> None:
+    if not results:
+        return
+    click.echo("gates:\n" + _gates_table(results))
+    if not all(g["ok"] for g in results):
+        click.echo("error: a gate failed (see the table above)", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Report folder (bench.json, bench.md, PNG plots).")
+@click.option("--data", default=None, help="Quality data (as for dqtool eval); without it, no quality columns.")
+@click.option("--split", default="test", show_default=True, help="Split for quality.")
+@click.option("--max-samples", type=int, default=200, show_default=True, help="Rows scored for quality.")
+@click.option("--max-length", type=int, default=32, show_default=True, help="Quality: generated tokens (greedy).")
+@click.option("--source-tokens", type=int, default=64, show_default=True, help="Latency: source length in tokens.")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="Latency: greedy tokens generated.")
+@click.option("--batch-sizes", default="1", show_default=True, help="Latency batch sizes, comma-separated.")
+@click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per batch size.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up runs.")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--teacher", default=None, help="fp32 teacher folder: size ratios, quality drop, and teacher peers.")
+@click.option("--student", default=None, help="Layer-copied fp32 student folder (student peers).")
+@click.option("--peers", default="", help="Comma-separated peers to build and measure, e.g. "
+              "pytorch-int8-dynamic,ort-fp32,ort-int8-dynamic,ort-int4-rtn,ctranslate2-int8.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@_gate_options
+def bench(models, out_dir, data, split, max_samples, max_length, source_tokens, new_tokens, batch_sizes, runs, warmup,
+          threads, teacher, student, peers, no_plots, force, min_ratio, max_quality_drop, max_latency):
+    """Footprint, latency and quality of MODELS (any folders dqtool eval takes), the teacher and peers."""
+    from dqtool.bench import BenchConfig, Gates, bench as run_bench, check_gates
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError as e:
+        raise DQToolError(f"--batch-sizes '{batch_sizes}' must be comma-separated integers") from e
+    cfg = BenchConfig(data=data, split=split, max_samples=max_samples, max_length=max_length,
+                      source_tokens=source_tokens, new_tokens=new_tokens, batch_sizes=sizes, runs=runs,
+                      warmup=warmup, threads=threads, teacher=teacher, student=student,
+                      peers=tuple(p.strip() for p in peers.split(",") if p.strip()), plots=not no_plots)
+    r = run_bench(list(models), out_dir, cfg, force=force, log=lambda m: click.echo(m, err=True))
+    click.echo((Path(r.out_dir) / "bench.md").read_text())
+    _finish_gates(check_gates(r.report, Gates(min_ratio, max_quality_drop, max_latency)))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Validate the recipe and print the plan; run nothing.")
+@click.option("--force", is_flag=True, help="Run every stage again, even those already done.")
+@_gate_options
+def compress(recipe, dry_run, force, min_ratio, max_quality_drop, max_latency):
+    """Run distill -> qat -> convert -> export -> bench from RECIPE (YAML); resume what is done.
+
+    Exit code: 0 when every gate holds, 1 when a gate fails, 2 on bad input.
+    """
+    from dataclasses import replace
+
+    from dqtool.compress import compress as run_compress, load_recipe
+
+    rec = load_recipe(recipe)
+    cli = {k: v for k, v in dict(min_ratio=min_ratio, max_quality_drop=max_quality_drop,
+                                 max_latency_ms=max_latency).items() if v is not None}
+    gates = replace(rec.gates, **cli)
+    r = run_compress(rec, gates=gates, dry_run=dry_run, force=force, log=lambda m: click.echo(m, err=True))
+    if dry_run:
+        return
+    click.echo((rec.work / "bench" / "bench.md").read_text())
+    _finish_gates(r.gates)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """``dqtool eval``: generate on a data split and score it.
 
 Model folders are recognised by what they hold (:data:`MODEL_KINDS`, most specific
-first): a packed folder (integer weights, ``dqtool convert``), a QAT folder (fake
-quantization applied) or a Hugging Face folder (teacher or
-distilled student). Whatever a kind's loader returns only needs Hugging Face's
-``generate(input_ids=, attention_mask=, **kwargs)`` and a ``config``, so a later stage
-adds an ONNX folder with one more :class:`ModelKind` entry.
+first): an ONNX folder (``dqtool export``, run by :mod:`dqtool.ort_runtime`), a packed
+folder (integer weights, ``dqtool convert``), a QAT folder (fake quantization applied) or a
+Hugging Face folder (teacher or distilled student). Whatever a kind's loader returns only
+needs Hugging Face's ``generate(input_ids=, attention_mask=, **kwargs)`` and a ``config``.
 
 Presets are the generation settings of the DQ-BART code (``run_summarization_no_trainer.py``
 sets them per data set) and of the fine-tuned BART checkpoints' ``task_specific_params``:
@@ -184,9 +183,25 @@ def _load_packed(source: str):
     return load_packed(source)
 
 
+def _is_onnx(p: Path) -> bool:
+    from dqtool.ort_runtime import is_onnx_folder
+
+    return is_onnx_folder(p)
+
+
+def _load_onnx(source: str):
+    from dqtool.manifest import read_manifest, verify_folder
+    from dqtool.ort_runtime import load_onnx
+
+    if read_manifest(source) is not None:
+        verify_folder(source, "export")  # a dqtool export: truncated/edited files fail here
+    return load_onnx(source, threads=torch.get_num_threads())
+
+
 # Most specific first: a QAT folder is also a valid HF folder (its fake quantization
 # would silently be dropped if the HF loader saw it first).
 MODEL_KINDS: list[ModelKind] = [
+    ModelKind("onnx", "a 'dqtool export' / optimum ONNX folder (encoder_model.onnx)", _is_onnx, _load_onnx),
     ModelKind("packed", "a 'dqtool convert' output (packing.json)", _is_packed, _load_packed),
     ModelKind("qat", "a 'dqtool qat' output (quantization.json)", _is_qat, _load_qat),
     ModelKind("hf", "a Hugging Face model folder (config.json + weights)", lambda p: (p / "config.json").is_file(),
@@ -202,7 +217,7 @@ def model_kind(source: str | os.PathLike) -> str:
         >>> model_kind(tempfile.mkdtemp())
         Traceback (most recent call last):
         ...
-        dqtool.errors.DQToolError: ... is not a model folder: pass a 'dqtool convert' output (packing.json) or a 'dqtool qat' output (quantization.json) or a Hugging Face model folder (config.json + weights)
+        dqtool.errors.DQToolError: ... is not a model folder: pass a 'dqtool export' / optimum ONNX folder (encoder_model.onnx) or a 'dqtool convert' output (packing.json) or a 'dqtool qat' output (quantization.json) or a Hugging Face model folder (config.json + weights)
     """
     p = Path(source)
     if not p.is_dir():

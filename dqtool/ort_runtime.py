@@ -21,7 +21,11 @@ that would change the output):
   the pad id is 0 or unset, as Hugging Face does).
 
 The cross-attention keys/values of the beams of one input are identical, so a beam reorder
-gathers only the self-attention cache.
+moves only the self-attention cache (and only the rows that change). A folder with only
+``decoder_model.onnx`` runs without a cache (the whole prefix every step).
+
+One difference from Hugging Face that needs exactly equal scores to show: equal candidates
+are ranked lower index first, where ``torch.topk`` leaves their order unspecified.
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ _UNSUPPORTED = {
     "return_dict_in_generate": False, "prefill_chunk_size": None,
 }
 # Keyword arguments Hugging Face's generate takes that change nothing here.
-_IGNORED_KWARGS = {"use_cache", "synced_gpus", "streamer", "tokenizer", "use_model_defaults", "logits_processor",
-                   "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model"}
+_IGNORED_KWARGS = {"use_cache", "synced_gpus", "tokenizer", "use_model_defaults"}
+# Keyword arguments of Hugging Face's generate this runtime has no equivalent for (an error when set).
+_UNSUPPORTED_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+                       "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate",
+                       "decoder_input_ids", "encoder_outputs"}
 
 
 def is_onnx_folder(folder: str | os.PathLike) -> bool:
@@ -98,14 +105,14 @@ def session_options(threads: int | None = None):
     return so
 
 
-def load_onnx(folder: str | os.PathLike, threads: int | None = None, providers=None):
+def load_onnx(folder: str | os.PathLike, threads: int | None = None, providers=None, decoder: str = "merged"):
     """``(model, tokenizer_or_None)`` of an exported folder, like the other loaders of ``dqtool eval``.
 
     Example (needs an exported folder, so not run as a doctest)::
         model, tok = load_onnx("runs/onnx-2-2-8", threads=1)
         model.generate(**tok(["some text"], return_tensors="pt"), num_beams=4)
     """
-    model = OnnxSeq2Seq.from_folder(folder, threads=threads, providers=providers)
+    model = OnnxSeq2Seq.from_folder(folder, threads=threads, providers=providers, decoder=decoder)
     tok = None
     try:
         from transformers import AutoTokenizer
@@ -133,12 +140,20 @@ class KVCache:
         self.length = length
 
     def reorder(self, rows: np.ndarray) -> "KVCache":
-        """Keep the rows ``rows`` of the self-attention cache (a beam reorder), in place.
+        """Row ``i`` of the self-attention cache becomes row ``rows[i]`` (a beam reorder), in place.
 
-        The cross-attention cache is not touched: a reorder only moves rows between the
-        beams of one input, whose cross-attention keys/values are the same.
+        Only the rows that change are copied. The cross-attention cache is not touched: a
+        reorder only moves rows between the beams of one input, whose cross-attention
+        keys/values are the same.
         """
-        self.self_kv = [kv.take(rows, axis=0) for kv in self.self_kv]
+        moved = np.flatnonzero(rows != np.arange(len(rows)))
+        if moved.size:
+            src = rows[moved]
+            for i, kv in enumerate(self.self_kv):
+                if kv.flags.writeable:
+                    kv[moved] = kv[src]  # the right side is a copy: safe when rows swap
+                else:
+                    self.self_kv[i] = kv.take(rows, axis=0)
         return self
 
 
@@ -171,15 +186,22 @@ class OnnxSeq2Seq:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_folder(cls, path: str | os.PathLike, threads: int | None = None, providers=None) -> "OnnxSeq2Seq":
+    def from_folder(cls, path: str | os.PathLike, threads: int | None = None, providers=None,
+                    decoder: str = "merged") -> "OnnxSeq2Seq":
         """Load the sessions, config and generation config of an exported folder.
 
         ``threads``: intra-op threads of each session (``None``: ONNX Runtime's default);
-        ``providers``: ONNX Runtime execution providers (default: CPU).
+        ``providers``: ONNX Runtime execution providers (default: CPU); ``decoder``: which
+        decoder files to run when the folder has both, ``"merged"`` (one session, the
+        weights loaded once) or ``"pair"`` (``decoder_model`` + ``decoder_with_past_model``:
+        twice the decoder weights in memory, but no ``If`` node per step, so a little
+        faster per token).
         """
         import onnxruntime as ort
         from transformers import AutoConfig, GenerationConfig
 
+        if decoder not in ("merged", "pair"):
+            raise DQToolError(f"decoder must be 'merged' or 'pair', got {decoder!r}")
         p = Path(path)
         if not p.is_dir():
             raise DQToolError(f"ONNX folder {p} not found: pass a folder written by the ONNX export")
@@ -203,7 +225,7 @@ class OnnxSeq2Seq:
                 raise DQToolError(f"ONNX Runtime cannot load {p / name}: {e}; re-export the folder") from e
 
         encoder = session(ENCODER_FILE)
-        if has_merged:
+        if has_merged and (decoder == "merged" or not (p / WITH_PAST_FILE).is_file() or not has_pair):
             decoder, with_past = session(MERGED_FILE), None
         else:
             decoder = session(DECODER_FILE)
@@ -286,28 +308,42 @@ class OnnxSeq2Seq:
         decoder start; a folder without a cache takes the whole prefix [B, T] each step and
         returns ``None`` as the cache). ``encoder_attention_mask`` [B, S] int64.
         """
-        ids = np.ascontiguousarray(_to_numpy(input_ids), dtype=np.int64)
-        mask = np.ascontiguousarray(_to_numpy(encoder_attention_mask), dtype=np.int64)
+        ids = np.ascontiguousarray(_to_numpy(input_ids), dtype=self._first_io.ids_type)
+        return self._step(ids, self._static_feeds(encoder_hidden_states, _to_numpy(encoder_attention_mask)), cache)
+
+    def _static_feeds(self, enc: np.ndarray, mask: np.ndarray) -> tuple[dict, dict]:
+        """The inputs that stay the same over one generation: (first step, later steps)."""
+        common = {"encoder_attention_mask": np.ascontiguousarray(mask, dtype=self._first_io.mask_type),
+                  "encoder_hidden_states": enc}
+        first = dict(common)
+        if self._merged:
+            first["use_cache_branch"] = np.zeros(1, dtype=np.bool_)
+            b, io = enc.shape[0], self._first_io
+            for name, (heads, dim) in zip(io.past_names, self._dummy_shapes):
+                first[name] = np.zeros((b, heads, 0, dim), dtype=io.kv_dtype)
+        later = dict(common)
+        if self._merged:
+            later["use_cache_branch"] = np.ones(1, dtype=np.bool_)
+        return self._first_io.feed(first), self._later_io.feed(later)
+
+    def _step(self, ids: np.ndarray, static: tuple[dict, dict], cache: KVCache | None):
+        """:meth:`decoder_step` on prepared arrays (``ids`` contiguous, of the session's type; ``static``
+        from :meth:`_static_feeds`)."""
         if cache is None:
             io = self._first_io
-            feed = {"input_ids": ids, "encoder_attention_mask": mask, "encoder_hidden_states": encoder_hidden_states}
-            if self._merged:
-                feed["use_cache_branch"] = np.zeros(1, dtype=np.bool_)
-                b = ids.shape[0]
-                for name, (heads, dim) in zip(io.past_names, self._dummy_shapes):
-                    feed[name] = np.zeros((b, heads, 0, dim), dtype=io.kv_dtype)
+            feed = dict(static[0])
+            feed["input_ids"] = ids
             if not self.uses_cache:
-                return io.run_logits(feed), None
-            outs = io.session.run(io.first_outputs, io.feed(feed))
+                return io.session.run(io.logits_only, feed)[0][:, -1, :], None
+            outs = io.session.run(io.first_outputs, feed)
             n_self = len(io.self_present)
             return outs[0][:, -1, :], KVCache(outs[1:1 + n_self], outs[1 + n_self:], ids.shape[1])
         io = self._later_io
-        feed = {"input_ids": ids, "encoder_attention_mask": mask, "encoder_hidden_states": encoder_hidden_states}
-        if self._merged:
-            feed["use_cache_branch"] = np.ones(1, dtype=np.bool_)
+        feed = dict(static[1])
+        feed["input_ids"] = ids
         feed.update(zip(io.self_past, cache.self_kv))
         feed.update(zip(io.cross_past, cache.cross_kv))
-        outs = io.session.run(io.later_outputs, io.feed(feed))
+        outs = io.session.run(io.later_outputs, feed)
         return outs[0][:, -1, :], KVCache(outs[1:], cache.cross_kv, cache.length + ids.shape[1])
 
     # ------------------------------------------------------------------ generate
@@ -347,18 +383,35 @@ class OnnxSeq2Seq:
             mask = _to_numpy(attention_mask).astype(np.int64, copy=False)
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-        enc = self.encode(ids, mask)
-        run = _Run(self, gc)
-        if gc.num_beams == 1:
-            out = run.greedy(enc, mask)
-        else:
-            out = run.beam_search(enc, mask)
+        try:
+            enc = self.encode(ids, mask)
+            run = _Run(self, gc)
+            out = run.greedy(enc, mask) if gc.num_beams == 1 else run.beam_search(enc, mask)
+        except Exception as e:
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            positions = getattr(self.config, "max_position_embeddings", None)
+            hint = ""
+            if positions is not None and max(gc.max_length, ids.shape[1]) > positions:
+                hint = (f" (the model has {positions} positions; source length {ids.shape[1]}, "
+                        f"max_length {gc.max_length}: truncate the source or lower max_length)")
+            raise DQToolError(f"ONNX Runtime failed in generate{hint}: {e}") from e
         return torch.from_numpy(out)
 
     def _resolve_config(self, generation_config, kwargs: dict):
         """The generation config of one call, following Hugging Face's precedence and length rules."""
         from transformers import GenerationConfig
 
+        if generation_config is None:
+            gen = self.generation_config
+            # Hugging Face's legacy rule: an unmodified generation config made from the model
+            # config gives way to generation parameters set in the model config.
+            if (getattr(gen, "_from_model_config", False)
+                    and getattr(gen, "_original_object_hash", None) == hash(gen)
+                    and len(self.config._get_non_default_generation_parameters()) > 0):
+                from_config = GenerationConfig.from_model_config(self.config)
+                if from_config != gen:
+                    self.generation_config = from_config
         base = self.generation_config if generation_config is None else generation_config
         if not isinstance(base, GenerationConfig):
             raise ValueError(f"generation_config must be a transformers.GenerationConfig, got {type(base).__name__}")
@@ -373,11 +426,16 @@ class OnnxSeq2Seq:
                 if getattr(gc, key, None) == getattr(default, key, None) and value != getattr(default, key, None):
                     setattr(gc, key, value)
         passed = {k: v for k, v in kwargs.items() if v is not None}
-        unknown = [k for k in passed if k not in _IGNORED_KWARGS and not hasattr(gc, k)]
+        unsupported = sorted(k for k, v in passed.items() if k in _UNSUPPORTED_KWARGS and not (
+            isinstance(v, (list, tuple)) and len(v) == 0))
+        if unsupported:
+            raise ValueError(f"generate arguments {unsupported} are not supported by the ONNX runtime: leave them out")
+        unknown = [k for k in passed if k not in _IGNORED_KWARGS and k not in _UNSUPPORTED_KWARGS
+                   and not hasattr(gc, k)]
         if unknown:
             raise ValueError(f"generate got unknown arguments {sorted(unknown)}: this runtime takes "
                              f"input_ids, attention_mask and generation settings")
-        gc.update(**{k: v for k, v in passed.items() if k not in _IGNORED_KWARGS})
+        gc.update(**{k: v for k, v in passed.items() if k not in _IGNORED_KWARGS and k not in _UNSUPPORTED_KWARGS})
         if gc.do_sample:
             raise ValueError("do_sample=True is not supported by the ONNX runtime (greedy and beam search only): "
                              "pass do_sample=False")
@@ -425,11 +483,13 @@ class _DecoderIO:
         self.session = session
         ins = session.get_inputs()
         self.input_names = [i.name for i in ins]
-        self.input_types = {i.name: _NP_TYPES.get(i.type) for i in ins}
         past = sorted(((int(m[1]), m[2], m[3]), i) for i in ins if (m := _PAST_RE.match(i.name)))
         self.past_names = [i.name for _, i in past]
         self.self_past = [i.name for (_, kind, _), i in past if kind == "decoder"]
         self.cross_past = [i.name for (_, kind, _), i in past if kind == "encoder"]
+        types = {i.name: _NP_TYPES.get(i.type) for i in ins}
+        self.ids_type = types.get("input_ids") or np.int64
+        self.mask_type = types.get("encoder_attention_mask") or np.int64
         self.past_shapes = []
         self.kv_dtype = np.float32
         for _, i in past:
@@ -443,6 +503,7 @@ class _DecoderIO:
         self.cross_present = [present[k] for k in sorted(present) if k[1] == "encoder"]
         self.first_outputs = [self.logits] + self.self_present + self.cross_present
         self.later_outputs = [self.logits] + self.self_present
+        self.logits_only = [self.logits]
         self._names = set(self.input_names)
 
     def gives_all(self, later: "_DecoderIO") -> bool:
@@ -456,9 +517,6 @@ class _DecoderIO:
     def feed(self, values: dict) -> dict:
         """Only the inputs this session declares (a with-past decoder takes no encoder_hidden_states)."""
         return {k: v for k, v in values.items() if k in self._names}
-
-    def run_logits(self, feed: dict) -> np.ndarray:
-        return self.session.run([self.logits], self.feed(feed))[0][:, -1, :]
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -485,15 +543,32 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest entries of each row, largest first (ties: lower index first)."""
-    n = x.shape[1]
-    if k < n:
-        part = np.argpartition(x, n - k, axis=1)[:, n - k:]
+    """Indices of the ``k`` largest entries of each row of ``x`` [R, N], largest first (ties: lower index first).
+
+    Long rows (beams x vocabulary) skip a full partition: the ``k``-th largest of the
+    maxima of 256-wide chunks is a lower bound of the ``k``-th largest entry, so only the
+    entries at or above it are sorted.
+
+    Example:
+        >>> _topk(np.array([[1.0, 3.0, 3.0, 2.0]]), 3).tolist()
+        [[1, 2, 3]]
+    """
+    rows, n = x.shape
+    k = min(k, n)
+    chunk = 256
+    if n < 16 * chunk or k > n // chunk:
+        thr = np.partition(x, n - k, axis=1)[:, n - k]  # the k-th largest entry itself
     else:
-        part = np.broadcast_to(np.arange(n), x.shape)
-    vals = np.take_along_axis(x, part, axis=1)
-    order = np.lexsort((part, -vals), axis=-1)
-    return np.take_along_axis(part, order, axis=1)
+        full = n // chunk * chunk
+        cmax = x[:, :full].reshape(rows, -1, chunk).max(axis=2)
+        if full < n:
+            cmax = np.concatenate([cmax, x[:, full:].max(axis=1, keepdims=True)], axis=1)
+        thr = np.partition(cmax, cmax.shape[1] - k, axis=1)[:, cmax.shape[1] - k]
+    out = np.empty((rows, k), dtype=np.int64)
+    for r in range(rows):
+        cand = np.flatnonzero(x[r] >= thr[r])
+        out[r] = cand[np.lexsort((cand, -x[r, cand]))[:k]]
+    return out
 
 
 class _Run:
@@ -522,6 +597,11 @@ class _Run:
                     self.bad_single.append(int(seq[0]))
                 else:
                     self.bad_multi.append(([int(t) for t in seq[:-1]], int(seq[-1])))
+
+    def is_eos(self, tokens: np.ndarray) -> np.ndarray:
+        if len(self.eos) == 1:
+            return tokens == self.eos[0]
+        return (tokens[..., None] == self.eos_arr).any(axis=-1)
 
     # Hugging Face's processor order: repetition penalty, no-repeat n-gram, bad words,
     # min length, forced BOS, forced EOS.
@@ -568,15 +648,17 @@ class _Run:
         cur = 1
         has_eos = bool(self.eos)
         unfinished = np.ones(b, dtype=bool)
+        static = model._static_feeds(enc, mask)
+        ids_type = model._first_io.ids_type
         cache = None
         while True:
-            step_ids = seqs[:, cur - 1:cur] if model.uses_cache else seqs[:, :cur]
-            logits, cache = model.decoder_step(step_ids, enc, mask, cache)
+            step_ids = (seqs[:, cur - 1:cur] if model.uses_cache else seqs[:, :cur]).astype(ids_type)
+            logits, cache = model._step(step_ids, static, cache)
             scores = self.process(seqs[:, :cur], np.asarray(logits, dtype=np.float32))
             nxt = scores.argmax(axis=-1)
             if has_eos:
                 nxt = np.where(unfinished, nxt, self.pad)
-                unfinished &= ~np.isin(nxt, self.eos_arr)
+                unfinished &= ~self.is_eos(nxt)
             seqs[:, cur] = nxt
             cur += 1
             if cur >= self.max_length or not unfinished.any():
@@ -610,12 +692,13 @@ class _Run:
         unsatisfied = np.ones((b, 1), dtype=bool)
         running_idx = np.full((b, nb, max_length - prompt), -1, dtype=np.int32)
         beam_idx = running_idx.copy()
-        identity = np.arange(b * nb)
+        static = model._static_feeds(enc, mask)
+        ids_type = model._first_io.ids_type
         cache = None
         cur = prompt
         while True:
             flat = running[:, :, :cur].reshape(b * nb, cur)
-            logits, cache = model.decoder_step(flat[:, -1:] if model.uses_cache else flat, enc, mask, cache)
+            logits, cache = model._step((flat[:, -1:] if model.uses_cache else flat).astype(ids_type), static, cache)
             vocab = logits.shape[-1]
             logp = self.process(flat, _log_softmax(logits.astype(np.float32, copy=False)))
             logp = (logp.reshape(b, nb, vocab) + running_scores[:, :, None]).reshape(b, nb * vocab)
@@ -629,7 +712,7 @@ class _Run:
             top_idx = running_idx[rows, src]
             top_seq[:, :, cur] = tok
             top_idx[:, :, cur - prompt] = src + rows * nb
-            hits = np.isin(tok, self.eos_arr) | (cur + 1 >= max_length)
+            hits = self.is_eos(tok) | (cur + 1 >= max_length)
 
             # running beams for the next step: the best that did not stop
             run_lp = top_lp + hits.astype(np.float32) * _NEG
@@ -653,9 +736,7 @@ class _Run:
             finished = np.take_along_axis(np.concatenate([finished, just], axis=1), best, axis=1)
 
             if cache is not None:
-                order = running_idx[:, :, cur - prompt].reshape(-1)
-                if not np.array_equal(order, identity):
-                    cache.reorder(order)
+                cache.reorder(running_idx[:, :, cur - prompt].reshape(-1))
             cur += 1
 
             # early-stop heuristic and loop condition

@@ -113,7 +113,8 @@ def test_not_a_model_folder(tmp_path, data):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["eval", str(tmp_path / "empty"), "--data", str(data)])
     assert r.exit_code == 2 and r.output.count("\n") == 1
-    assert "is not a model folder: pass a 'dqtool convert' output" in r.output and "'dqtool qat' output" in r.output and "Hugging Face model folder" in r.output
+    assert "is not a model folder: pass a 'dqtool export'" in r.output and "'dqtool convert' output" in r.output
+    assert "'dqtool qat' output" in r.output and "Hugging Face model folder" in r.output
 
 
 def test_missing_model_and_out_is_a_folder(tmp_path, data, tiny_dir):

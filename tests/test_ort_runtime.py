@@ -1,8 +1,8 @@
 """dqtool.ort_runtime: generation over optimum-layout ONNX folders equals Hugging Face's generate.
 
-Tiny models are exported with optimum's ``main_export`` (about a second each). The
-default tiny models of ``tests/tiny.py`` tie their output embedding to the input one, so
-greedy decoding just repeats one token and every input gives the same output; the models
+Tiny models are exported with optimum's ``main_export`` (about a second each). Most tiny
+models of ``tests/tiny.py`` tie their output embedding to the input one, so greedy
+decoding just repeats one token and every input gives the same output; the models
 here untie it, draw every matrix at unit scale and scale the EOS row of the output layer,
 so outputs depend on the input and rows end with EOS at different steps (padding and
 finished beams are exercised). Token equality is exact: with these seeds and inputs the
@@ -24,7 +24,7 @@ from dqtool.errors import DQToolError
 ARCHS = ("bart", "t5", "marian")
 # (scale of the EOS row of the output layer, added EOS logit bias) per architecture: makes EOS
 # the top token now and then, so rows and beams finish at different steps (T5 has no bias).
-EOS_TUNING = {"bart": (5.0, 2.0), "t5": (3.0, 0.0), "marian": (3.0, 2.0)}
+EOS_TUNING = {"bart": (5.0, 2.0), "t5": (3.0, 0.0), "marian": (3.0, 2.0), "t5_pad0": (3.0, 0.0)}
 LENGTHS = (9, 4, 12, 6, 7, 3)  # one padded batch of different source lengths
 
 
@@ -32,8 +32,10 @@ def _lively_model(arch: str, seed: int = 0):
     from tiny import tiny_config
     from transformers import AutoModelForSeq2SeqLM
 
-    cfg = tiny_config(arch, 2, 2)
+    cfg = tiny_config("t5" if arch == "t5_pad0" else arch, 2, 2)
     cfg.tie_word_embeddings = False
+    if arch == "t5_pad0":  # the special ids of real T5 checkpoints: pad 0 = decoder start, EOS 1
+        cfg.pad_token_id, cfg.eos_token_id, cfg.decoder_start_token_id = 0, 1, 0
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
     g = torch.Generator().manual_seed(seed)
@@ -102,7 +104,7 @@ def _load(folder):
 
 
 def _both(hf, onnx, **kwargs):
-    ids, mask = _batch()
+    ids, mask = _batch(hf.config.pad_token_id, hf.config.eos_token_id)
     with torch.inference_mode():
         want = hf.generate(input_ids=ids, attention_mask=mask, **kwargs)
     got = onnx.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -169,7 +171,12 @@ def test_beam_search_matches_hf(exported, arch):
 
 def test_other_decoder_layouts(exported, tmp_path):
     """decoder_model + decoder_with_past (no merged file), and decoder_model alone (no cache)."""
+    from dqtool.ort_runtime import OnnxSeq2Seq
+
     hf, folder = exported("bart")
+    onnx = OnnxSeq2Seq.from_folder(folder, threads=1, decoder="pair")  # all three files: the pair is chosen
+    assert onnx.decoder_with_past is not None and onnx.uses_cache
+    _assert_same(*_both(hf, onnx, num_beams=2, max_length=20), "pair chosen")
     pair = tmp_path / "pair"
     shutil.copytree(folder, pair)
     (pair / "decoder_model_merged.onnx").unlink()
@@ -222,6 +229,10 @@ def test_model_surface(exported):
         model.generate(input_ids=ids, attention_mask=mask, num_beams=2, num_beam_groups=2, diversity_penalty=1.0)
     with pytest.raises(ValueError, match="unknown arguments"):
         model.generate(input_ids=ids, attention_mask=mask, no_such_setting=3)
+    with pytest.raises(ValueError, match="logits_processor"):
+        model.generate(input_ids=ids, attention_mask=mask, logits_processor=[lambda i, s: s])
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True)
     # Ignored HF arguments, a missing attention mask (inferred from the pad token like HF),
     # and the generation config's own defaults when nothing is passed.
     with torch.inference_mode():
@@ -245,3 +256,52 @@ def test_folder_without_onnx_files_is_one_clear_error(tmp_path, exported):
         shutil.copy(folder / name, only_onnx / name)
     with pytest.raises(DQToolError, match="no config.json"):
         OnnxSeq2Seq.from_folder(only_onnx)
+
+
+def test_t5_pad_id_zero(exported):
+    """Pad id 0 (real T5): greedy pads finished rows with 0, beam search with EOS, as HF does."""
+    hf, folder = exported("t5_pad0")
+    onnx = _load(folder)
+    for kwargs, fill in ((dict(num_beams=1, max_length=30), 0), (dict(num_beams=3, max_length=30), 1)):
+        want, got = _both(hf, onnx, **kwargs)
+        _assert_same(want, got, f"t5 pad 0 {kwargs}")
+        assert (want[:, -1] == fill).any()
+
+
+def test_project_tiny_folder(tiny_dir, tmp_path):
+    """The shared tiny folder of tests/tiny.py (gated T5 v1.1) exports and generates like HF."""
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoModelForSeq2SeqLM
+
+    src = tiny_dir("t5v1_1", 2, 2)
+    main_export(str(src), output=str(tmp_path), task="text2text-generation-with-past", device="cpu")
+    hf = AutoModelForSeq2SeqLM.from_pretrained(src).eval()
+    onnx = _load(tmp_path)
+    for kwargs in (dict(num_beams=1, max_length=20), dict(num_beams=3, max_length=20, no_repeat_ngram_size=2)):
+        _assert_same(*_both(hf, onnx, **kwargs), f"t5v1_1 {kwargs}")
+
+
+def test_topk_matches_a_full_stable_sort():
+    from dqtool.ort_runtime import _topk
+
+    rng = np.random.default_rng(0)
+    for n in (7, 300, 4096, 50265 * 4):
+        for k in (1, 6, 12):
+            x = rng.standard_normal((3, n)).astype(np.float32)
+            x[1] = np.round(x[1] * 2) / 2  # many ties
+            x[2, : n // 2] = -np.inf
+            want = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in x])
+            np.testing.assert_array_equal(_topk(x, k), want)
+
+
+def test_kv_cache_reorder_moves_rows_in_place():
+    from dqtool.ort_runtime import KVCache
+
+    kv = np.arange(4 * 2 * 3 * 2, dtype=np.float32).reshape(4, 2, 3, 2)
+    cross = np.zeros((4, 2, 5, 2), dtype=np.float32)
+    cache = KVCache([kv.copy(), kv.copy()], [cross], 3)
+    order = np.array([1, 0, 0, 3])  # a swap and a duplicate
+    cache.reorder(order)
+    for a in cache.self_kv:
+        np.testing.assert_array_equal(a, kv[order])
+    assert cache.cross_kv[0] is cross
