@@ -9,7 +9,8 @@ function's ``symbolic`` instead, which writes one of two ONNX Runtime paths:
 ``integer`` (8-bit-or-less symmetric activations, or asymmetric 8-bit; weights per row
 or per tensor) -- bit-faithful up to float rounding of the final rescale::
 
-    x --(|x|max/qmax | PACT clip)--> int8 codes  --MatMulInteger(int8 W codes [K, N])--> int32
+    x --(|x|max/qmax | PACT clip)--> codes (+128 as uint8, zero point 128: ORT's fast u8s8 kernels)
+      --MatMulInteger(int8 W codes [K, N])--> int32
       --Cast--> * (s_x * s_w[N]) + bias
     asymmetric 8-bit: DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp) (ORT fuses
     these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
@@ -101,7 +102,10 @@ def _act_codes(g, x, plan: LinearPlan):
         s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), torch.float32)), _const(g, 1e-8, torch.float32))
     r = g.op("Round", g.op("Div", x, s))
     r = g.op("Clip", r, _const(g, float(-qmax), torch.float32), _const(g, float(qmax), torch.float32))
-    return g.op("Cast", r, to_i=_onnx_type("INT8")), s, None
+    # Stored as uint8 code + 128 with zero point 128: the same integers (MatMulInteger
+    # subtracts the zero point exactly), but ORT's fast u8s8 kernels instead of s8s8.
+    u = g.op("Cast", g.op("Add", r, _const(g, 128.0, torch.float32)), to_i=_onnx_type("UINT8"))
+    return u, s, _const(g, 128, torch.uint8)
 
 
 def _weight_codes_kn(g, qweight, plan: LinearPlan):
