@@ -243,7 +243,7 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force)
                    "quantizes activations with per-row or per-tensor weight scales, else nbits.")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
-@click.option("--rtol", type=float, default=1e-2, show_default=True,
+@click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
 def export(packed, out, matmul, accuracy_level, rtol, force):
@@ -263,7 +263,7 @@ def export(packed, out, matmul, accuracy_level, rtol, force):
                f"folder {_kb(s['total'])}")
     click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
                f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "
-               f"{'identical' if c['argmax_equal'] else 'DIFFER'}")
+               + ("identical" if c['argmax_equal'] else f"agree at {c['argmax_agreement']:.1%} of positions"))
 
 
 def _gates_table(rows: list[dict]) -> str:

@@ -64,8 +64,12 @@ class ExportConfig:
     # Largest max|d| / max|ref| accepted between ORT and the packed runtime. Integer codes
     # and scales are exact; float ops outside the quantized matmuls (LayerNorm, softmax,
     # rescale) round differently, which now and then moves an activation code by one step.
-    rtol: float = 1e-2
+    rtol: float = 2e-2
     nbits_rtol: float = 5e-2      # graphs with MatMulNBits at accuracy level 4 (A re-quantized per block)
+    # Teacher-forced argmax tokens that must agree. A one-step code change can flip a
+    # near-tie between two tokens, so this is a rate, not all-or-nothing; greedy outputs
+    # on real data are compared by 'dqtool eval' / the benchmarks.
+    min_argmax_agreement: float = 0.9
     check_samples: int = 4
     check_length: int = 16
     seed: int = 0
@@ -78,6 +82,8 @@ class ExportConfig:
                               f"faithful) or 4 (int8 compute, fast)")
         if not (self.rtol > 0 and self.nbits_rtol > 0):
             raise DQToolError("--rtol must be > 0")
+        if not 0 <= self.min_argmax_agreement <= 1:
+            raise DQToolError(f"--min-argmax-agreement must be in [0, 1], got {self.min_argmax_agreement}")
 
 
 @dataclass(frozen=True)
@@ -353,20 +359,21 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
     logits = dec.run(["logits"], _decoder_feed(dec, past_shape, mask.numpy(), enc_out, gen.numpy()))[0]
     ref_logits = ref.logits.numpy()
     dec_diff = float(np.abs(logits - ref_logits).max())
-    tokens_equal = bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
+    tokens_equal = agree == 1.0
     rtol = cfg.nbits_rtol if (nbits and cfg.accuracy_level == 4) else cfg.rtol
     scale = float(np.abs(ref_logits).max())
     enc_scale = float(np.abs(ref_enc).max())
     result = {"encoder_max_abs": enc_diff, "encoder_rel": enc_diff / max(enc_scale, 1e-12),
               "decoder_logits_max_abs": dec_diff, "decoder_logits_rel": dec_diff / max(scale, 1e-12),
-              "argmax_equal": tokens_equal, "rtol": rtol, "samples": cfg.check_samples, "length": cfg.check_length}
+              "argmax_equal": tokens_equal, "argmax_agreement": agree, "rtol": rtol, "samples": cfg.check_samples, "length": cfg.check_length}
     if result["encoder_rel"] > rtol:
         raise DQToolError(f"{ENCODER_FILE}: output differs from the packed PyTorch model by {enc_diff:.3g} "
                           f"({result['encoder_rel']:.2%} of its range, tolerance {rtol:.0%}); please report it")
-    if result["decoder_logits_rel"] > rtol or not tokens_equal:
+    if result["decoder_logits_rel"] > rtol or agree < cfg.min_argmax_agreement:
         raise DQToolError(f"{DECODER_FILE}: logits differ from the packed PyTorch model by {dec_diff:.3g} "
                           f"({result['decoder_logits_rel']:.2%} of their range, tolerance {rtol:.0%}), argmax "
-                          f"tokens {'equal' if tokens_equal else 'DIFFER'}; "
+                          f"tokens agree at {agree:.1%} of positions (at least {cfg.min_argmax_agreement:.0%} needed); "
                           + ("try --accuracy-level 0" if nbits else "the export is wrong, please report it"))
     return result
 
