@@ -142,15 +142,15 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
 @click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
 @click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
-@click.option("--logits-loss", "logits_kind", type=click.Choice(["mse", "kl"]), default="mse", show_default=True,
-              help="Logits loss: MSE (the paper) or KL with --temperature.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Temperature of the KL logits loss.")
-@click.option("--loss-hidden", type=float, default=1.0, show_default=True,
-              help="Weight of the per-layer hidden-state MSE (embedding output included).")
-@click.option("--loss-attention", type=float, default=1.0, show_default=True,
-              help="Weight of the attention-probability MSE (encoder, decoder, cross).")
-@click.option("--loss-enc-last", type=float, default=1.0, show_default=True,
-              help="Weight of the encoder last-hidden-state MSE.")
+@click.option("--logits-loss", "logits_kind", type=click.Choice(["mse", "kl"]), default="kl", show_default=True,
+              help="Logits loss: KL with --temperature (best measured here) or MSE (the paper).")
+@click.option("--temperature", type=float, default=2.0, show_default=True, help="Temperature of the KL logits loss.")
+@click.option("--loss-hidden", type=float, default=0.0, show_default=True,
+              help="Weight of the per-layer hidden-state MSE (embedding output included; the paper uses 1).")
+@click.option("--loss-attention", type=float, default=0.0, show_default=True,
+              help="Weight of the attention-probability MSE (encoder, decoder, cross; the paper uses 1).")
+@click.option("--loss-enc-last", type=float, default=0.0, show_default=True,
+              help="Weight of the encoder last-hidden-state MSE (the paper uses 1).")
 @click.option("--max-steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Per-device batch size.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")

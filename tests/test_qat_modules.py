@@ -1,3 +1,4 @@
+from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +13,7 @@ from dqtool.scheme import QuantScheme
 from tiny import ARCHS, tiny_model
 
 OFF = QuantScheme(w_bits=None, e_bits=None, a_bits=None)
-ALL_TERMS = LossConfig(task=1, logits=1, hidden=1, attention=1, enc_last=1)
+ALL_TERMS = LossConfig(task=1, logits=1, hidden=1, attention=1, enc_last=1)  # logits: KL (default)
 
 
 def _batch(vocab=300):
@@ -45,6 +46,9 @@ def test_all_distillation_losses_zero_for_full_copy_without_quantization(arch, t
     for k in ("logits", "hidden", "attention", "enc_last"):
         assert terms[k].item() == 0.0, k
     assert terms["task"].item() > 0
+    mse = distill_losses(_outputs(student, b), _outputs(teacher, b), replace(ALL_TERMS, logits_kind="mse"),
+                         {"encoder": [0, 1, 2, 3], "decoder": [0, 1, 2, 3]}, b["attention_mask"], b["labels"].ne(-100))
+    assert mse["logits"].item() == 0.0
 
 
 def test_losses_use_the_layer_map(tiny_dir, tmp_path):
