@@ -42,8 +42,32 @@ CELLS = {  # name -> (W-E-A, loss config)
     "2-2-8 logits-KL only": ("2-2-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0, attention=0,
                                                  enc_last=0)),
     "2-2-8 logits-MSE only": ("2-2-8", LossConfig(hidden=0, attention=0, enc_last=0)),
+    "8-8-8 distill KL": ("8-8-8", LossConfig(logits_kind="kl", temperature=2.0)),
+    "8-8-8 no distill": ("8-8-8", LossConfig(task=1, logits=0, hidden=0, attention=0, enc_last=0)),
+    "2-2-8 distill KL light": ("2-2-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0.1, attention=0.1,
+                                                   enc_last=0.1)),
+    "8-8-8 distill KL light": ("8-8-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0.1, attention=0.1,
+                                                   enc_last=0.1)),
 }
 DEFAULT_CELLS = ("8-8-8 distill", "2-2-8 distill", "2-2-8 no distill")
+
+
+def _describe(losses: LossConfig) -> str:
+    """The loss weights that are on, e.g. ``task 1, logits 1 (kl T=2), hidden 0.1``."""
+    parts = []
+    for t in LossConfig.TERMS:
+        w = getattr(losses, t)
+        if w:
+            extra = "" if t != "logits" else (f" (kl T={losses.temperature:g})" if losses.logits_kind == "kl"
+                                              else f" ({losses.logits_kind})")
+            parts.append(f"{t} {w:g}{extra}")
+    return ", ".join(parts)
+
+
+def _seconds(row: dict) -> str:
+    if row.get("train_seconds") is not None:
+        return str(row["train_seconds"])
+    return f"{row['trainer_seconds']}*" if row.get("trainer_seconds") is not None else ""
 
 
 def main() -> None:
@@ -58,6 +82,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--eval-samples", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=QATConfig.seed,
+                    help="QAT seed (QATConfig.seed); a non-default seed is added to each cell's folder name")
     ap.add_argument("--cells", default=",".join(DEFAULT_CELLS),
                     help=f"comma-separated cells to run, from: {', '.join(CELLS)}")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "qat_demo")
@@ -83,29 +109,34 @@ def main() -> None:
     evaluate(f"student {args.encoder_layers}-{args.decoder_layers} layer copy, no tuning", student, {})
     for name in args.cells.split(","):
         wea, losses = CELLS[name]
-        out = work / name.replace(" ", "_")
+        out = work / (name.replace(" ", "_") + ("" if args.seed == QATConfig.seed else f"_seed{args.seed}"))
         seconds = None
         if not out.exists():
             t0 = time.time()
             qat(student, out, QATConfig(data=str(args.data), scheme=QuantScheme.from_wea(wea), losses=losses,
                                         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                        source_max_length=128, target_max_length=32, save_steps=args.steps),
+                                        source_max_length=128, target_max_length=32, save_steps=args.steps,
+                                        seed=args.seed),
                 progress=False)
             seconds = round(time.time() - t0, 1)
+        trainer_seconds = json.loads((out / "dqtool-manifest.json").read_text()).get("seconds")
         evaluate(f"student {args.encoder_layers}-{args.decoder_layers} QAT {name}", out,
-                 {"train_seconds": seconds, "steps": args.steps})
+                 {"train_seconds": seconds, "trainer_seconds": trainer_seconds, "steps": args.steps, "seed": args.seed, "losses": _describe(losses)})
     meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
             "torch": torch.__version__, "teacher": str(args.teacher), "eval_rows": args.eval_samples,
-            "decode": "greedy, max 32 tokens", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr}
+            "decode": "greedy, max 32 tokens", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "seed": args.seed, "student_layers": [args.encoder_layers, args.decoder_layers]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = ["# QAT with and without distillation (demo teacher)", "",
              f"Machine: {meta['machine']}, torch {meta['torch']}. Test split, first {args.eval_samples} rows, "
-             f"{meta['decode']}. QAT: {args.steps} steps, batch {args.batch_size}, lr {args.lr}.", "",
-             "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | train s |", "|---|---:|---:|---:|---:|"]
+             f"{meta['decode']}. QAT: {args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}.", "",
+             "train s: wall time of the qat() call (model loading included); * = cell trained by an earlier "
+             "run, its manifest's trainer time instead.", "",
+             "| model | losses | ROUGE-1 | ROUGE-2 | ROUGE-L | train s |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
-                     f"{r.get('train_seconds') or ''} |")
+        lines.append(f"| {r['model']} | {r.get('losses', '')} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | "
+                     f"{r['rougeL']:.2f} | {_seconds(r)} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
