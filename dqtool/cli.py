@@ -162,6 +162,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--target-field", default="target", show_default=True, help="Target text field/column.")
 @click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style, e.g. 'summarize: ').")
 @click.option("--max-train-samples", type=int, default=None, help="Use only the first N training rows.")
+@click.option("--on-too-long", type=click.Choice(["truncate", "skip", "error"]), default="truncate", show_default=True,
+              help="Rows longer than the max lengths: truncate them, skip them (counted), or stop with an error.")
 @click.option("--eval-steps", type=int, default=None,
               help="Evaluate ROUGE every N steps and keep the best checkpoint (must divide --save-steps).")
 @click.option("--eval-samples", type=int, default=200, show_default=True, help="Validation rows used per evaluation.")

@@ -66,6 +66,7 @@ class QATConfig:
     source_max_length: int = 256
     target_max_length: int = 64
     max_train_samples: int | None = None
+    on_too_long: str = "truncate"       # truncate | skip | error (rows over the max lengths)
     max_steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
@@ -94,6 +95,10 @@ class QATConfig:
             raise DQToolError(f"--lr must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise DQToolError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        from dqtool.data import TOO_LONG
+
+        if self.on_too_long not in TOO_LONG:
+            raise DQToolError(f"--on-too-long '{self.on_too_long}' is not supported: choose {', '.join(TOO_LONG)}")
         if self.precision not in PRECISIONS:
             raise DQToolError(f"--precision '{self.precision}' is not supported: choose {', '.join(PRECISIONS)}")
 
@@ -192,8 +197,12 @@ def _tokenized(cfg: QATConfig, tokenizer, split: str, limit: int | None) -> _Seq
 
     dcfg = DataConfig(source_field=cfg.source_field, target_field=cfg.target_field, prefix=cfg.prefix,
                       source_max_length=cfg.source_max_length, target_max_length=cfg.target_max_length,
-                      max_rows=limit)
-    return _Seq2SeqRows(tokenize_pairs(load_pairs(cfg.data, split, dcfg), tokenizer, dcfg))
+                      max_rows=limit, on_too_long=cfg.on_too_long)
+    pairs = load_pairs(cfg.data, split, dcfg, tokenizer)
+    if pairs.skipped:
+        print(f"{split}: skipped {pairs.skipped} rows longer than --source-max-length {cfg.source_max_length} / "
+              f"--target-max-length {cfg.target_max_length} (--on-too-long skip)")
+    return _Seq2SeqRows(tokenize_pairs(pairs, tokenizer, dcfg))
 
 
 # --------------------------------------------------------------------------- trainer

@@ -128,3 +128,21 @@ def test_bad_config_is_one_line_error(setup, extra, message):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and r.output.count("\n") == 1 and message in r.output, r.output
     assert not out.exists() and not (root / "bad.partial").exists()
+
+
+def test_on_too_long_error_and_skip(setup, tmp_path):
+    root, data = setup
+    long_data = tmp_path / "data"
+    long_data.mkdir()
+    rows = [json.dumps({"source": "this package provides data", "target": "data"})] * 8
+    rows[3] = json.dumps({"source": " ".join(["library"] * 80), "target": "data"})
+    (long_data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (long_data / "validation.jsonl").write_text(rows[0] + "\n")
+    args = ["qat", str(root / "student"), str(tmp_path / "q"), "--data", str(long_data), "--max-steps", "1",
+            "--batch-size", "4", "--source-max-length", "48", "--target-max-length", "16", "--save-steps", "1"]
+    r = CliRunner().invoke(main, args + ["--on-too-long", "error"])
+    assert r.exit_code == 2 and "train.jsonl, line 4" in r.output and "--on-too-long" in r.output
+    assert not (tmp_path / "q").exists()
+    r = CliRunner().invoke(main, args + ["--on-too-long", "skip"])
+    assert r.exit_code == 0, r.output
+    assert "skipped 1 rows" in r.output
