@@ -2,7 +2,6 @@
 after an interruption, the report's schema, and each gate's exit code."""
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -12,21 +11,12 @@ from click.testing import CliRunner
 from dqtool.bench import SCHEMA_VERSION
 from dqtool.cli import main
 from dqtool.compress import load_recipe, plan
-
-WORDS = "library tool files development data python module documentation server client game network".split()
-
+from tiny import write_pairs
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("compress")
-    rnd = random.Random(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("validation", 8), ("test", 6)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                t = " ".join(rnd.choice(WORDS) for _ in range(3))
-                f.write(json.dumps({"source": f"this package provides {t} and more", "target": t}) + "\n")
+    data = write_pairs(root / "data", (("train", 48), ("validation", 8), ("test", 6)))
     return root, data, tiny_dir("bart")
 
 

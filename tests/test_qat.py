@@ -18,23 +18,12 @@ from dqtool.manifest import verify_folder
 from dqtool.qat import QSTATE_FILE, load_qat
 from dqtool.qmodules import QuantLinear, prepare
 from dqtool.scheme import QuantScheme
-
-WORDS = "library tool files development data python module documentation server client game network".split()
-
+from tiny import write_pairs
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_dir):
-    import random
-
     root = tmp_path_factory.mktemp("qat")
-    rnd = random.Random(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 48), ("validation", 8)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                t = " ".join(rnd.choice(WORDS) for _ in range(3))
-                f.write(json.dumps({"source": f"this package provides {t} and more", "target": t}) + "\n")
+    data = write_pairs(root / "data")
     distill(tiny_dir("bart"), root / "student", DistillConfig(encoder_layers=2, decoder_layers=1))
     return root, data
 

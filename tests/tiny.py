@@ -73,3 +73,21 @@ def save_tiny(path: Path, arch: str, enc: int = 4, dec: int = 4, seed: int = 0):
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+WORDS = "library tool files development data python module documentation server client game network".split()
+
+
+def write_pairs(folder: Path, sizes=(("train", 48), ("validation", 8)), seed: int = 0) -> Path:
+    """Write ``split.jsonl`` files of synthetic source/target pairs (the target is in the source)."""
+    import json
+    import random
+
+    rnd = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes:
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                t = " ".join(rnd.choice(WORDS) for _ in range(3))
+                f.write(json.dumps({"source": f"this package provides {t} and more", "target": t}) + "\n")
+    return folder
