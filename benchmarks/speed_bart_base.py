@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--source-tokens", type=int, default=128)
-    ap.add_argument("--peers", default="pytorch-int8-dynamic,ort-int8-dynamic,ort-int4-rtn,ctranslate2-int8")
+    ap.add_argument("--peers", default="pytorch-int8-dynamic,ort-fp32,ort-int8-dynamic,ort-int4-rtn,"
+                    "student-ort-int8-dynamic,student-ort-int4-rtn,ctranslate2-int8")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "speed_bart_base")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
