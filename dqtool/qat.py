@@ -260,9 +260,18 @@ def _precision(cfg: QATConfig) -> dict:
 
 
 def _last_checkpoint(work: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """Newest *complete* ``checkpoint-N`` in ``work``.
 
-    return get_last_checkpoint(str(work)) if work.is_dir() else None
+    The Trainer writes ``trainer_state.json`` last, after the weights, optimizer,
+    scheduler and RNG state; a run killed while saving leaves a folder without it, which
+    transformers' ``get_last_checkpoint`` would still pick (and resume with a fresh
+    optimizer). Such a folder is skipped here.
+    """
+    if not work.is_dir():
+        return None
+    done = [p for p in work.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, teacher: str | None = None,

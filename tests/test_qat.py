@@ -68,6 +68,17 @@ def test_qat_writes_a_folder_that_loads_with_fake_quant(setup):
     assert r.exit_code == 0 and "(qat)" in r.output
 
 
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    from dqtool.qat import _last_checkpoint
+
+    assert _last_checkpoint(tmp_path / "none") is None
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()  # killed mid-save: weights maybe, trainer state not yet
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"x")
+    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
 def _weights(folder):
     return load_file(Path(folder) / "model.safetensors")
 
