@@ -106,7 +106,9 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
     """
     from dqtool.packed import PackedEmbedding, PackedLinear
     from dqtool.quant import QuantSpec
+    from dqtool.registry import runs_per_token, spec_for
 
+    arch = spec_for(model.config)
     plans = {}
     for name, mod in model.named_modules():
         if isinstance(mod, PackedEmbedding) and mod.spec.bits not in NBITS_BITS:
@@ -124,7 +126,15 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                               f"(DynamicQuantizeLinear is 8-bit): choose symmetric activations or A bits 8")
         clip = float(mod.act.clip.detach()) if getattr(mod.act, "clip", None) is not None else 0.0
         integer_ok = aspec is not None and spec.granularity != "group"
-        path = cfg.matmul if cfg.matmul != "auto" else (INTEGER if integer_ok else NBITS)
+        if cfg.matmul == "auto":
+            # Many rows (encoder, cross-attention keys/values): MatMulInteger is several times
+            # faster. One row per step (decoder, lm_head): MatMulNBits reads the packed 2/4-bit
+            # weights (int8 MatMulInteger would read 8 bits per weight per token).
+            per_token = runs_per_token(name, arch)
+            nbits_ok = choose_block(spec, mod.in_features) > 0
+            path = NBITS if (per_token and nbits_ok and spec.bits < 8) or not integer_ok else INTEGER
+        else:
+            path = cfg.matmul
         if path == INTEGER and not integer_ok:
             why = "the scheme leaves activations in float" if aspec is None else \
                 "group-wise weight scales vary along the reduction axis"

@@ -30,6 +30,9 @@ class StackSpec:
     # others (T5's relative attention bias); a student's layer 0 takes them from the
     # teacher's layer 0 whatever layer it was copied from.
     first_layer_only: tuple[str, ...] = ()
+    # Linears fed by the encoder output (cross-attention keys/values): in generation they
+    # run once over all source tokens, not once per new token.
+    memory_linears: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ def _bart_like(name: str, config_class: str, enc_norms: tuple, dec_norms: tuple,
         config_class=config_class,
         encoder=StackSpec("model.encoder.layers", "encoder_layers", _BART_ATTN + _BART_FFN, _BART_ENC_LN, enc_norms),
         decoder=StackSpec("model.decoder.layers", "decoder_layers", _BART_ATTN + _BART_XATTN + _BART_FFN,
-                          _BART_DEC_LN, dec_norms),
+                          _BART_DEC_LN, dec_norms, memory_linears=("encoder_attn.k_proj", "encoder_attn.v_proj")),
         token_embedding="model.shared",
         embedding_aliases=_BART_ALIASES,
         position_embeddings=("model.encoder.embed_positions", "model.decoder.embed_positions"),
@@ -128,7 +131,8 @@ _SPECS: tuple[ArchSpec, ...] = (
         decoder=StackSpec("decoder.block", "num_decoder_layers", _T5_DEC,
                           ("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm"),
                           ("decoder.final_layer_norm",),
-                          ("layer.0.SelfAttention.relative_attention_bias.weight",)),
+                          ("layer.0.SelfAttention.relative_attention_bias.weight",),
+                          memory_linears=("layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v")),
         token_embedding="shared",
         embedding_aliases=("encoder.embed_tokens", "decoder.embed_tokens"),
         positions_learned=False,
@@ -183,6 +187,27 @@ def num_layers(config, stack: StackSpec) -> int:
     if n is None:  # T5Config leaves num_decoder_layers None to mean "same as encoder"
         n = config.num_layers
     return int(n)
+
+
+def runs_per_token(name: str, spec: ArchSpec) -> bool:
+    """True for Linears that run once per generated token (decoder self-attention, FFN,
+    lm_head), False for those that run over all source tokens (encoder, cross-attention
+    keys/values).
+
+    Example:
+        >>> from transformers import BartConfig
+        >>> s = spec_for(BartConfig())
+        >>> [runs_per_token(n, s) for n in ("model.decoder.layers.0.fc1", "model.decoder.layers.0.encoder_attn.k_proj",
+        ...                                 "model.encoder.layers.0.fc1", "lm_head")]
+        [True, False, False, True]
+    """
+    if name == spec.lm_head:
+        return True
+    prefix = spec.decoder.layers_path + "."
+    if not name.startswith(prefix):
+        return False
+    rest = name[len(prefix):].split(".", 1)[1]
+    return rest not in spec.decoder.memory_linears
 
 
 def linears(model, spec: ArchSpec) -> dict[str, object]:

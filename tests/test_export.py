@@ -134,3 +134,15 @@ def test_cli_export_and_bad_inputs(tmp_path):
     r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "o3")])
     assert r.exit_code == 2 and "does not match its hash" in r.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_auto_plan_integer_for_many_rows_nbits_per_token(tmp_path):
+    from dqtool.export import plan_linears
+
+    model, _ = load_packed(_packed(tmp_path, "bart", "2-2-8"))
+    plans = plan_linears(model, ExportConfig())
+    assert plans["model.encoder.layers.0.fc1"].path == "integer"
+    assert plans["model.decoder.layers.0.encoder_attn.k_proj"].path == "integer"  # over all source tokens
+    assert plans["model.decoder.layers.0.fc1"].path == "nbits"                    # once per new token
+    assert plans["lm_head"].path == "nbits" and plans["lm_head"].bits == 2
+    assert {p.path for p in plan_linears(model, ExportConfig(matmul="integer")).values()} == {"integer"}
