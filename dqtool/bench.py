@@ -405,14 +405,24 @@ def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force
         bench(["runs/onnx-2-2-8"], "runs/bench", BenchConfig(data="data/", teacher="runs/teacher",
                                                              peers=("ort-int8-dynamic",)))
     """
-    from dqtool.convert import fp32_bytes
-    from dqtool.manifest import atomic_output, check_output, write_manifest
+    from dqtool.manifest import check_output
 
     out = check_output(out_dir, force)
     for m in models:
         if not Path(m).is_dir():
             raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained")
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _bench(models, out, cfg, force, log)
+    finally:
+        torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> BenchResult:
+    from dqtool.convert import fp32_bytes
+    from dqtool.manifest import atomic_output, write_manifest
+
     targets: list[Target] = []
     if cfg.teacher:
         targets.append(folder_target(cfg.teacher, "teacher", cfg.threads, "teacher fp32 (PyTorch)"))

@@ -162,3 +162,15 @@ def test_bench_cli_on_folders(done, tmp_path):
     assert set(rep["rows"][0]["latency"]) == {"1", "2"} and rep["rows"][0]["quality"] is None
     r = CliRunner().invoke(main, ["bench", str(tmp_path / "nope"), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_bench_leaves_the_thread_count_as_it_was(done, tmp_path):
+    import torch
+
+    from dqtool.bench import BenchConfig, bench
+
+    root, rec, _ = done
+    before = torch.get_num_threads()
+    bench([str(root / "work" / "packed-2-2-8")], tmp_path / "b",
+          BenchConfig(runs=1, warmup=0, source_tokens=4, new_tokens=2, threads=before + 1, plots=False), log=lambda m: None)
+    assert torch.get_num_threads() == before

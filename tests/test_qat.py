@@ -85,7 +85,8 @@ def _weights(folder):
 
 def test_sigkill_then_resume_matches_uninterrupted(setup):
     root, data = setup
-    env = {**os.environ, "DQTOOL_DEBUG_STEP_SLEEP": "0.5"}
+    # The killed child must compute like this process (same thread count, same float sums).
+    env = {**os.environ, "DQTOOL_DEBUG_STEP_SLEEP": "0.5", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = root / "killed"
     cmd = [sys.executable, "-m", "dqtool.cli", *_args(root, data, killed, "--wea", "4-4-8")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
