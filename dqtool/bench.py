@@ -304,8 +304,9 @@ def markdown(report: dict) -> str:
     """The report as a Markdown table (batch = the first batch size)."""
     c, m = report["config"], report["machine"]
     b = str(c["batch_sizes"][0])
-    lines = [f"# dqtool bench", "",
-             f"Machine: {m['description']}; {c['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}. "
+    lines = ["# dqtool bench", "",
+             f"Machine: {m['description']}; {c['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
+             f"each model measured in its own process. "
              f"Latency: batch {b}, {c['source_tokens']} source tokens, {c['new_tokens']} greedy tokens, median of "
              f"{c['runs']} runs after {c['warmup']} warm-up (p10-p90 in brackets). Quality: greedy, first "
              f"{c['max_samples']} rows of {c['data']} ({c['split']}).", "",
@@ -419,10 +420,7 @@ def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
 
 
-def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> BenchResult:
-    from dqtool.convert import fp32_bytes
-    from dqtool.manifest import atomic_output, write_manifest
-
+def _targets(models: list[str], cfg: BenchConfig, peers_dir: Path, log=print) -> list[Target]:
     targets: list[Target] = []
     if cfg.teacher:
         targets.append(folder_target(cfg.teacher, "teacher", cfg.threads, "teacher fp32 (PyTorch)"))
@@ -430,19 +428,62 @@ def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> 
         targets.append(folder_target(cfg.student, "student", cfg.threads, "student fp32 (PyTorch, layer copy)"))
     for m in models:
         targets.append(folder_target(m, "dqtool", cfg.threads))
-    with atomic_output(out, force=force) as tmp:
-        if cfg.peers:
-            from dqtool.peers import build_peers
+    if cfg.peers:
+        from dqtool.peers import build_peers
 
-            targets += build_peers(cfg.peers, cfg.teacher, cfg.student, tmp / "peers", cfg.threads, log=log)
+        targets += build_peers(cfg.peers, cfg.teacher, cfg.student, peers_dir, cfg.threads, log=log)
+    return targets
+
+
+def _measure_isolated(index: int, models: list[str], cfg: BenchConfig, peers_dir: Path, log) -> dict:
+    """Measure target ``index`` in a fresh Python process.
+
+    Runtimes keep thread pools that spin after their last op (torch's OpenMP, ONNX
+    Runtime, CTranslate2's own OpenMP); measured one after another in one process they
+    steal each other's cores, which made a 2-thread CTranslate2 10x slower here. A fresh
+    process per target gives every runtime the machine to itself.
+    """
+    import subprocess
+    import sys
+
+    payload = json.dumps({"index": index, "models": models, "cfg": asdict(cfg), "peers_dir": str(peers_dir)})
+    code = "import sys, json; from dqtool.bench import _worker; _worker(sys.stdin.read())"
+    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DQToolError(f"measuring target {index} failed: {tail}")
+    for line in proc.stderr.splitlines():
+        if line.startswith("  "):
+            log(line)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _worker(payload: str) -> None:
+    import sys
+
+    d = json.loads(payload)
+    cfg = BenchConfig(**{**d["cfg"], "batch_sizes": tuple(d["cfg"]["batch_sizes"]), "peers": tuple(d["cfg"]["peers"])})
+    torch.set_num_threads(cfg.threads)
+    targets = _targets(d["models"], cfg, Path(d["peers_dir"]), log=lambda m: None)
+    row = measure(targets[d["index"]], cfg, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(row))
+
+
+def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> BenchResult:
+    from dqtool.convert import fp32_bytes
+    from dqtool.manifest import atomic_output, write_manifest
+
+    with atomic_output(out, force=force) as tmp:
+        targets = _targets(models, cfg, tmp / "peers", log=log)  # builds the peers once
         report = {"schema_version": SCHEMA_VERSION, "machine": machine(), "config": asdict(cfg),
-                  "teacher_fp32_bytes": fp32_bytes(cfg.teacher) if cfg.teacher else None, "rows": []}
+                  "teacher_fp32_bytes": fp32_bytes(cfg.teacher) if cfg.teacher else None, "rows": [],
+                  "isolation": "one process per target"}
         from dqtool import __version__
 
         report["dqtool_version"] = __version__
-        for t in targets:
+        for i, t in enumerate(targets):
             log(f"bench: {t.name} ({t.kind})")
-            report["rows"].append(measure(t, cfg, log=log))
+            report["rows"].append(_measure_isolated(i, models, cfg, tmp / "peers", log))
         add_ratios(report)
         (tmp / JSON_FILE).write_text(json.dumps(report, indent=1) + "\n")
         (tmp / MD_FILE).write_text(markdown(report))
