@@ -140,9 +140,10 @@ def test_auto_plan_integer_for_many_rows_nbits_per_token(tmp_path):
     from dqtool.export import plan_linears
 
     model, _ = load_packed(_packed(tmp_path, "bart", "2-2-8"))
-    plans = plan_linears(model, ExportConfig())
+    plans = plan_linears(model, ExportConfig(nbits_min_weights=1))  # tiny model: treat its decoder as memory-bound
     assert plans["model.encoder.layers.0.fc1"].path == "integer"
     assert plans["model.decoder.layers.0.encoder_attn.k_proj"].path == "integer"  # over all source tokens
     assert plans["model.decoder.layers.0.fc1"].path == "nbits"                    # once per new token
     assert plans["lm_head"].path == "nbits" and plans["lm_head"].bits == 2
     assert {p.path for p in plan_linears(model, ExportConfig(matmul="integer")).values()} == {"integer"}
+    assert {p.path for p in plan_linears(model, ExportConfig()).values()} == {"integer"}  # 2^23 default: a tiny decoder fits in cache
