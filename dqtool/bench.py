@@ -75,6 +75,8 @@ class BenchConfig:
                 raise DQToolError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise DQToolError(f"--warmup must be 0 or more, got {self.warmup}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise DQToolError(f"--device {self.device} but no CUDA GPU is visible here: pass --device cpu")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise DQToolError(f"--batch-sizes must be positive integers, got {self.batch_sizes}")
         if self.peers:
@@ -179,21 +181,36 @@ def _greedy_exact(n: int) -> dict:
     return dict(num_beams=1, do_sample=False, min_new_tokens=n, max_new_tokens=n, no_repeat_ngram_size=0)
 
 
+def _device(model, cfg: BenchConfig) -> torch.device:
+    # PyTorch models (HF, QAT, packed, torch int8 peer) run on cfg.device; ONNX Runtime and
+    # CTranslate2 targets run on CPU here.
+    if isinstance(model, torch.nn.Module) and torch.device(cfg.device).type == "cuda":
+        return torch.device(cfg.device)
+    return torch.device("cpu")
+
+
 def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
     """Per batch size: encoder, generate and per-token decode times (see module docstring)."""
     out = {}
     vocab = int(model.config.vocab_size)
+    on_cuda = _device(model, cfg).type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)  # GPU work is asynchronous
     for batch in cfg.batch_sizes:
         ids, mask = latency_inputs(tok, cfg, batch, vocab)
+        if on_cuda:
+            ids, mask = ids.to(cfg.device), mask.to(cfg.device)
         enc_t, gen_t = [], []
         new = None
         with torch.inference_mode():
             for i in range(cfg.warmup + cfg.runs):
+                sync()
                 t0 = time.perf_counter()
                 if target.encode is not None:
                     target.encode(model, ids, mask)
+                sync()
                 t1 = time.perf_counter()
                 seq = model.generate(input_ids=ids, attention_mask=mask, **_greedy_exact(cfg.new_tokens))
+                sync()
                 t2 = time.perf_counter()
                 if i >= cfg.warmup:
                     enc_t.append(t1 - t0)
@@ -222,7 +239,7 @@ def measure_quality(model, tok, cfg: BenchConfig) -> dict | None:
     dcfg = DataConfig(source_max_length=cfg.source_max_length, max_rows=cfg.max_samples)
     pairs = load_pairs(cfg.data, cfg.split, dcfg)
     ecfg = EvalConfig(data=cfg.data, split=cfg.split, data_cfg=dcfg, max_length=cfg.max_length,
-                      max_samples=cfg.max_samples, batch_size=32)
+                      max_samples=cfg.max_samples, batch_size=32, device=str(_device(model, cfg)))
     limit = position_limit(model)
     src_len = cfg.source_max_length if limit is None else min(cfg.source_max_length, limit)
     t0 = time.perf_counter()
@@ -249,6 +266,8 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     model, tok = target.load()
     if isinstance(model, torch.nn.Module):
         model.eval()
+        if _device(model, cfg).type == "cuda" and target.kind != "pytorch-dynamic":  # torch int8 is CPU-only
+            model.to(cfg.device)
     row: dict[str, Any] = {"name": target.name, "role": target.role, "kind": target.kind, "path": target.path,
                            "notes": target.notes, "bytes": _bytes(target.files), "params": _param_count(model),
                            "load_seconds": round(time.perf_counter() - t0, 2)}

@@ -309,6 +309,8 @@ def _finish_gates(results: list[dict]) -> None:
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up runs.")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch and ONNX Runtime.")
+@click.option("--device", default="cpu", show_default=True,
+              help="torch device for PyTorch models (HF, QAT, packed), e.g. cuda; ONNX/CTranslate2 stay on CPU.")
 @click.option("--teacher", default=None, help="fp32 teacher folder: size ratios, quality drop, and teacher peers.")
 @click.option("--student", default=None, help="Layer-copied fp32 student folder (student peers).")
 @click.option("--peers", default="", help="Comma-separated peers to build and measure, e.g. "
@@ -317,7 +319,7 @@ def _finish_gates(results: list[dict]) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @_gate_options
 def bench(models, out_dir, data, split, max_samples, max_length, source_tokens, new_tokens, batch_sizes, runs, warmup,
-          threads, teacher, student, peers, no_plots, force, min_ratio, max_quality_drop, max_latency):
+          threads, device, teacher, student, peers, no_plots, force, min_ratio, max_quality_drop, max_latency):
     """Footprint, latency and quality of MODELS (any folders dqtool eval takes), the teacher and peers."""
     from dqtool.bench import BenchConfig, Gates, bench as run_bench, check_gates
 
@@ -327,7 +329,7 @@ def bench(models, out_dir, data, split, max_samples, max_length, source_tokens, 
         raise DQToolError(f"--batch-sizes '{batch_sizes}' must be comma-separated integers") from e
     cfg = BenchConfig(data=data, split=split, max_samples=max_samples, max_length=max_length,
                       source_tokens=source_tokens, new_tokens=new_tokens, batch_sizes=sizes, runs=runs,
-                      warmup=warmup, threads=threads, teacher=teacher, student=student,
+                      warmup=warmup, threads=threads, device=device, teacher=teacher, student=student,
                       peers=tuple(p.strip() for p in peers.split(",") if p.strip()), plots=not no_plots)
     r = run_bench(list(models), out_dir, cfg, force=force, log=lambda m: click.echo(m, err=True))
     click.echo((Path(r.out_dir) / "bench.md").read_text())

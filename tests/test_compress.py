@@ -174,3 +174,12 @@ def test_bench_leaves_the_thread_count_as_it_was(done, tmp_path):
     bench([str(root / "work" / "packed-2-2-8")], tmp_path / "b",
           BenchConfig(runs=1, warmup=0, source_tokens=4, new_tokens=2, threads=before + 1, plots=False), log=lambda m: None)
     assert torch.get_num_threads() == before
+
+
+def test_bench_cuda_without_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the error path cannot be reached")
+    r = CliRunner().invoke(main, ["bench", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert r.exit_code == 2 and "no CUDA GPU" in r.output
