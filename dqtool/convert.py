@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -117,15 +118,8 @@ def fp32_bytes(source: str | os.PathLike) -> int | None:
     for f in files:
         with safe_open(str(f), "pt") as sf:
             for k in sf.keys():
-                total += _numel(sf.get_slice(k).get_shape()) * 4
+                total += math.prod(sf.get_slice(k).get_shape()) * 4
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # --------------------------------------------------------------------------- check
@@ -194,7 +188,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     from safetensors.torch import load_file, save_file
 
     from dqtool.loading import describe_source
-    from dqtool.packed import pack_model
+    from dqtool.packed import pack_model, skipped_float_keys
     from dqtool.qat import QSTATE_FILE, SCHEME_FILE, is_qat_folder, load_qat
     from dqtool.registry import spec_for
 
@@ -225,7 +219,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
                "scheme": scheme.to_dict(), "wea": scheme.wea, "float_dtype": fdtype,
                "scale_dtype": str(next((t.dtype for k, t in packed.items() if k.endswith(".scale")), "none")),
                "layout": layout, "floats": sorted(stored),
-               "rebuilt_from_config": [k for k in _skipped(spec)],
+               "rebuilt_from_config": list(skipped_float_keys(spec)),
                "quantizers": QSTATE_FILE if qstate else None}
         (tmp / LAYOUT_FILE).write_text(json.dumps(doc, indent=1) + "\n")
         for name in _COPIED:
@@ -252,12 +246,6 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
                               "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
                                           for k, v in {**packed, **stored}.items()}})
     return ConvertResult(out, scheme.wea, fdtype, footprint, check)
-
-
-def _skipped(spec):
-    from dqtool.packed import skipped_float_keys
-
-    return skipped_float_keys(spec)
 
 
 def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

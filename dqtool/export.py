@@ -37,9 +37,9 @@ import torch
 from dqtool.errors import DQToolError
 from dqtool.manifest import atomic_output, check_output, verify_folder, write_manifest
 from dqtool.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block
+from dqtool.ort_runtime import ENCODER_FILE, session_options  # the file names the runtime loads
+from dqtool.ort_runtime import MERGED_FILE as DECODER_FILE
 
-ENCODER_FILE = "encoder_model.onnx"
-DECODER_FILE = "decoder_model_merged.onnx"
 DATA_FILE = "weights.onnx_data"
 EXPORT_FILE = "export.json"
 MATMUL_CHOICES = ("auto", INTEGER, NBITS)
@@ -111,7 +111,6 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         plans["model.encoder.layers.0.fc1"].path   # 'integer'
     """
     from dqtool.packed import PackedEmbedding, PackedLinear
-    from dqtool.quant import QuantSpec
     from dqtool.registry import runs_per_token, spec_for
 
     arch = spec_for(model.config)
@@ -126,7 +125,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         if not isinstance(mod, PackedLinear):
             continue  # float Linears (a W 'none' scheme, or the lm_head tied to a float embedding) stay float
         spec = mod.spec
-        aspec = mod.act.spec if isinstance(getattr(mod.act, "spec", None), QuantSpec) else None
+        aspec = mod.act_spec
         if spec.bits not in NBITS_BITS:
             raise DQToolError(f"{spec.bits}-bit weights cannot run in onnxruntime's CPU kernels (MatMulNBits runs "
                               f"2, 4 and 8 bits): choose W bits 2, 4 or 8")
@@ -329,11 +328,8 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
 def _session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # The session options the runtime (dqtool eval / bench) uses: validation sees what users run.
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _decoder_feed(sess, past_shape, mask, enc_out, dec_ids):
@@ -399,12 +395,6 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
 
 
 # --------------------------------------------------------------------------- stage
-
-def is_onnx_folder(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` holds a dqtool/optimum seq2seq ONNX export."""
-    p = Path(folder)
-    return (p / ENCODER_FILE).is_file() and (p / DECODER_FILE).is_file()
-
 
 def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig | None = None,
            force: bool = False) -> ExportResult:

@@ -179,5 +179,4 @@ def onnx_linear(packed, x: torch.Tensor) -> torch.Tensor:
     src = packed.tied_to if packed.tied_to is not None else packed
     plan = packed.onnx_plan
     bias = packed.bias if packed.bias is not None else torch.zeros(plan.out_features, dtype=src.scale.dtype)
-    return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, packed.spec, packed.act.spec
-                            if isinstance(getattr(packed.act, "spec", None), QuantSpec) else None)
+    return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, packed.spec, packed.act_spec)

@@ -85,6 +85,11 @@ class PackedLinear(nn.Module):
         self.act = act if act is not None else nn.Identity()
         self.onnx_plan = None  # set by the ONNX exporter: forward then emits ORT's quantized ops
 
+    @property
+    def act_spec(self) -> QuantSpec | None:
+        """The input's activation quantization spec (None: the input stays float)."""
+        return getattr(self.act, "spec", None)
+
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit)."""
         src = self.tied_to if self.tied_to is not None else self
