@@ -139,6 +139,9 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--act-clip", type=click.Choice(["dynamic", "pact"]), default="dynamic", show_default=True,
               help="Activation range: per-batch max|x| (DQ-BART) or a learned PACT clip per quantizer.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric (zero-point) activation quantization.")
+@click.option("--act-granularity", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
+              help="Dynamic activation range per token (a row's result never depends on its batch) or per "
+                   "tensor (DQ-BART's per-batch range).")
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
 @click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
 @click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
@@ -174,7 +177,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
 def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_clip, act_asymmetric,
-        no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+        act_granularity, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
 
@@ -187,7 +190,7 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
 
     scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
                                   act_clip=act_clip, act_symmetric=not act_asymmetric,
-                                  quantize_attention=not no_attention_quant)
+                                  act_granularity=act_granularity, quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)

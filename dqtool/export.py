@@ -129,9 +129,10 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         if spec.bits not in NBITS_BITS:
             raise DQToolError(f"{spec.bits}-bit weights cannot run in onnxruntime's CPU kernels (MatMulNBits runs "
                               f"2, 4 and 8 bits): choose W bits 2, 4 or 8")
-        if aspec is not None and not aspec.symmetric and aspec.bits != 8:
-            raise DQToolError(f"asymmetric {aspec.bits}-bit activations have no ONNX Runtime kernel "
-                              f"(DynamicQuantizeLinear is 8-bit): choose symmetric activations or A bits 8")
+        if aspec is not None and not aspec.symmetric and aspec.bits != 8 and aspec.granularity == "tensor":
+            raise DQToolError(f"asymmetric per-tensor {aspec.bits}-bit activations have no ONNX Runtime kernel "
+                              f"(DynamicQuantizeLinear is 8-bit): choose symmetric or per-token activations, "
+                              f"or A bits 8")
         clip = float(mod.act.clip.detach()) if getattr(mod.act, "clip", None) is not None else 0.0
         integer_ok = aspec is not None and spec.granularity != "group"
         if cfg.matmul == "auto":
@@ -158,7 +159,8 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                     + ": choose a group size of 16, 32, 64, 128 or 256, or activations A 8 with per-row scales")
         plans[name] = LinearPlan(path=path, bits=spec.bits, in_features=mod.in_features,
                                  out_features=mod.out_features, a_bits=aspec.bits if aspec else None,
-                                 a_symmetric=aspec.symmetric if aspec else True, clip=clip, block_size=block,
+                                 a_symmetric=aspec.symmetric if aspec else True, clip=clip,
+                                 a_granularity=aspec.granularity if aspec else "token", block_size=block,
                                  accuracy_level=cfg.accuracy_level)
     return plans
 

@@ -54,6 +54,7 @@ class LinearPlan:
     a_bits: int | None         # None: activations stay float
     a_symmetric: bool
     clip: float                # learned PACT clip, 0.0 when dynamic
+    a_granularity: str = "token"  # dynamic range per token (row of the last dim) or per tensor
     block_size: int = 0        # nbits only
     accuracy_level: int = 4    # nbits only
 
@@ -86,19 +87,40 @@ def _onnx_type(name: str) -> int:
     return getattr(onnx.TensorProto, name)
 
 
+def _reduce(g, op, x, per_token: bool):
+    # per token: over the last axis, kept as [..., 1]; per tensor: a scalar.
+    return g.op(op, x, _const(g, [-1], torch.int64), keepdims_i=1) if per_token else g.op(op, x, keepdims_i=0)
+
+
 def _act_codes(g, x, plan: LinearPlan):
-    """ONNX ops giving ``(codes int8/uint8, scale, zero_point|None)`` of the activation,
-    with the same float ops as :func:`dqtool.quant.quantize` / ``activation_qparams``."""
+    """ONNX ops giving ``(codes uint8, scale, zero_point)`` of the activation, with the
+    same float ops as :func:`dqtool.quant.quantize` / ``activation_qparams``.
+
+    The zero point is the uint8 scalar 128 (symmetric codes stored +128), the uint8
+    scalar of ``DynamicQuantizeLinear`` (asymmetric per tensor), or -- asymmetric per
+    token -- a float ``[..., 1]`` tensor, which MatMulInteger cannot take (ORT: scalar
+    zero points only) and :func:`_integer_matmul` subtracts itself."""
+    per_token = plan.a_granularity == "token" and plan.clip == 0
+    f32 = torch.float32
     if not plan.a_symmetric:
-        q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-        return q, s, zp
+        if not _token_zero_points(plan):
+            q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+            return q, s, zp
+        qmax = float(2 ** plan.a_bits - 1)
+        lo = g.op("Min", _reduce(g, "ReduceMin", x, True), _const(g, 0.0, f32))
+        hi = g.op("Max", _reduce(g, "ReduceMax", x, True), _const(g, 0.0, f32))
+        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _const(g, qmax, f32)), _const(g, 1e-8, f32))
+        zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), s)), _const(g, 0.0, f32), _const(g, qmax, f32))
+        r = g.op("Add", g.op("Round", g.op("Div", x, s)), zp)
+        r = g.op("Clip", r, _const(g, 0.0, f32), _const(g, qmax, f32))
+        return g.op("Cast", r, to_i=_onnx_type("UINT8")), s, zp
     qmax = 2 ** (plan.a_bits - 1) - 1
     if plan.clip > 0:
         c = torch.tensor(plan.clip, dtype=torch.float32)
         x = g.op("Clip", x, _const(g, -c.item(), torch.float32), _const(g, c.item(), torch.float32))
         s = _const(g, (c / qmax).clamp_min(1e-8).item(), torch.float32)
     else:
-        amax = g.op("ReduceMax", g.op("Abs", x), keepdims_i=0)
+        amax = _reduce(g, "ReduceMax", g.op("Abs", x), per_token)
         s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), torch.float32)), _const(g, 1e-8, torch.float32))
     r = g.op("Round", g.op("Div", x, s))
     r = g.op("Clip", r, _const(g, float(-qmax), torch.float32), _const(g, float(qmax), torch.float32))
@@ -137,6 +159,27 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     return b, s
 
 
+def _token_zero_points(plan: LinearPlan) -> bool:
+    # Asymmetric per-token codes: one float zero point per row (see _act_codes).
+    return not plan.a_symmetric and plan.a_granularity == "token" and plan.clip == 0
+
+
+def _integer_matmul(g, q, w, zp, plan: LinearPlan):
+    """int32 ``(q - zp) @ w``: MatMulInteger with a scalar zero point, or (per-token
+    zero points) without one, minus ``zp * colsum(w)`` -- exact in int32."""
+    if not _token_zero_points(plan):
+        return g.op("MatMulInteger", q, w, zp)
+    colsum = g.op("ReduceSum", g.op("Cast", w, to_i=_onnx_type("INT32")), _const(g, [0], torch.int64),
+                  keepdims_i=0)                                                     # [N], constant-folded
+    return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
+
+
+def _dequant_act(g, q, s, zp):
+    # (codes - zero point) * scale, as dqtool.quant.dequantize computes it.
+    f = _onnx_type("FLOAT")
+    return g.op("Mul", g.op("Sub", g.op("Cast", q, to_i=f), g.op("Cast", zp, to_i=f)), s)
+
+
 class _QLinearFn(torch.autograd.Function):
     """Forward: the packed runtime's numerics. Symbolic: ORT's quantized ops."""
 
@@ -153,15 +196,18 @@ class _QLinearFn(torch.autograd.Function):
     def symbolic(g, x, qweight, scale, bias, plan: LinearPlan, spec, aspec):
         if plan.path == INTEGER:
             q, s, zp = _act_codes(g, x, plan)
-            w = _weight_codes_kn(g, qweight, plan)
-            y = g.op("MatMulInteger", q, w, zp) if zp is not None else g.op("MatMulInteger", q, w)
-            y = g.op("Mul", g.op("Cast", y, to_i=_onnx_type("FLOAT")), g.op("Mul", s, scale))
+            y = _integer_matmul(g, q, _weight_codes_kn(g, qweight, plan), zp, plan)
+            y = g.op("Cast", y, to_i=_onnx_type("FLOAT"))
+            if plan.a_granularity == "token" and plan.clip == 0:
+                # (y * s[..., 1]) * s_w[N]: not Mul(y, Mul(s, s_w)), which ORT would fuse into
+                # MatMulIntegerToFloat, whose kernel takes one A scale (wrong for per-row s).
+                y = g.op("Mul", g.op("Mul", y, s), scale)
+            else:
+                y = g.op("Mul", y, g.op("Mul", s, scale))
         else:
             a = x
             if plan.a_bits is not None:
-                q, s, zp = _act_codes(g, x, plan)
-                a = (g.op("DequantizeLinear", q, s, zp) if zp is not None
-                     else g.op("Mul", g.op("Cast", q, to_i=_onnx_type("FLOAT")), s))
+                a = _dequant_act(g, *_act_codes(g, x, plan))
             b, sc = _nbits_inputs(g, qweight, scale, plan, spec)
             y = g.op("com.microsoft::MatMulNBits", a, b, sc, K_i=plan.in_features, N_i=plan.out_features,
                      bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)

@@ -31,10 +31,13 @@ A ``minmax`` quantizer given a ``clip`` tensor becomes PACT-style (Choi et al. 2
 values are clamped to ``[-clip, clip]``, the scale is ``clip / qmax`` and the clip gets
 the PACT gradient (the summed upstream gradient of the clipped elements, signed).
 
-Activations are quantized per tensor: symmetric dynamic min-max by default (DQ-BART's
-``SymQuantizer`` with a per-batch ``max|x|``), or asymmetric with a zero point on the
-unsigned grid ``0..2**bits - 1`` following ONNX ``DynamicQuantizeLinear``, so an
-integer runtime computes the same values.
+Activations are quantized per token (one dynamic range per row of the last dim) or per
+tensor: symmetric dynamic min-max by default (DQ-BART's ``SymQuantizer``, whose range is
+the whole batch's ``max|x|`` -- granularity ``tensor``), or asymmetric with a zero point
+on the unsigned grid ``0..2**bits - 1`` following ONNX ``DynamicQuantizeLinear``, so an
+integer runtime computes the same values. Per token, a sequence's codes never depend on
+the other rows of its batch or on padding, and teacher-forced training sees the same
+ranges as one-token-at-a-time decoding.
 
 Rounding is ``torch.round``: round half to even (2.5 -> 2, 3.5 -> 4), as ONNX
 ``QuantizeLinear`` does.
@@ -50,7 +53,8 @@ import torch
 from dqtool.errors import DQToolError
 
 BITS = (8, 4, 3, 2)
-GRANULARITIES = ("tensor", "row", "group")
+GRANULARITIES = ("tensor", "row", "group")         # weights and embeddings
+ACT_GRANULARITIES = ("token", "tensor")  # activations: one range per row of the last dim, or one
 METHODS = ("minmax", "ternary", "lsq")
 ROLES = ("weight", "embedding", "activation")
 FLOAT_WORDS = ("none", "16", "32")  # a W-E-A slot left in floating point
@@ -79,7 +83,8 @@ class QuantSpec:
     ``role`` names what is quantized (it only changes what is allowed and the wording
     of errors): ``weight`` and ``embedding`` must be symmetric (their codes are packed
     as int8 with one scale and no zero point); only ``activation`` may set
-    ``symmetric=False``, and activations are per tensor. ``ternary`` needs 2 bits.
+    ``symmetric=False``, and activations are per token or per tensor (``token``: one
+    range per row of the last dim, for activations only). ``ternary`` needs 2 bits.
     Prefer the constructors :meth:`weight` and :meth:`activation`.
 
     Example:
@@ -111,9 +116,10 @@ class QuantSpec:
         if self.method == "ternary" and self.bits != 2:
             raise DQToolError(
                 f"{role} method 'ternary' needs bits 2, got {self.bits}: use minmax or lsq for {self.bits} bits")
-        if self.granularity not in GRANULARITIES:
-            raise DQToolError(
-                f"{role} granularity '{self.granularity}' is not supported: choose {_join(GRANULARITIES)}")
+        allowed = ACT_GRANULARITIES if role == "activation" else GRANULARITIES
+        if self.granularity not in allowed:
+            why = "is for activations" if self.granularity == "token" else "is not supported"
+            raise DQToolError(f"{role} granularity '{self.granularity}' {why}: choose {_join(allowed)}")
         if self.granularity == "group":
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
                 raise DQToolError(
@@ -123,9 +129,6 @@ class QuantSpec:
                 f"{role} group_size {self.group_size} is only used with granularity 'group': "
                 f"drop group_size or choose granularity group")
         if role == "activation":
-            if self.granularity != "tensor":
-                raise DQToolError(
-                    f"activation granularity '{self.granularity}' is not supported: choose tensor")
             if self.method == "ternary":
                 raise DQToolError("activation method 'ternary' is not supported: choose minmax or lsq")
             if not self.symmetric and self.method != "minmax":
@@ -152,14 +155,18 @@ class QuantSpec:
                    symmetric=True, role=role)
 
     @classmethod
-    def activation(cls, bits: int, symmetric: bool = True, method: str = "minmax") -> "QuantSpec":
-        """A per-tensor activation spec (dynamic min-max unless a clip is learned).
+    def activation(cls, bits: int, symmetric: bool = True, method: str = "minmax",
+                   granularity: str = "token") -> "QuantSpec":
+        """An activation spec: dynamic min-max per token (or ``granularity="tensor"``)
+        unless a clip is learned (a learned clip is one range for every token).
 
         Example:
             >>> QuantSpec.activation(8, symmetric=False).qmax
             255
+            >>> QuantSpec.activation(8, granularity="tensor").granularity
+            'tensor'
         """
-        return cls(bits=bits, granularity="tensor", method=method, symmetric=symmetric, role="activation")
+        return cls(bits=bits, granularity=granularity, method=method, symmetric=symmetric, role="activation")
 
     @property
     def qmax(self) -> int:
@@ -239,9 +246,10 @@ def parse_wea(text: str, option: str = "--wea") -> tuple[int | None, int | None,
 def _view(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The view in which one scale covers one slice of the last dim.
 
-    tensor: t as is (any shape), row: [out, in], group: [out, in] -> [out, in//G, G].
+    tensor: t as is (any shape), token: t as is (one scale per row of the last dim),
+    row: [out, in], group: [out, in] -> [out, in//G, G].
     """
-    if spec.granularity == "tensor":
+    if spec.granularity in ("tensor", "token"):
         return t
     if t.dim() != 2:
         raise ValueError(f"granularity '{spec.granularity}' needs a 2-D weight [out, in], got {tuple(t.shape)}")
@@ -253,9 +261,11 @@ def _view(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def _scale_shape(t: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
-    # tensor: [], row: [out, 1], group: [out, in//G, 1]
+    # tensor: [], token: [..., 1], row: [out, 1], group: [out, in//G, 1]
     if spec.granularity == "tensor":
         return ()
+    if spec.granularity == "token":
+        return (*t.shape[:-1], 1)
     v = _view(t, spec)
     return (*v.shape[:-1], 1)
 
@@ -413,8 +423,10 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch.
     return quantize(x, scale, spec), scale
 
 
-def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-tensor ``(scale, zero_point)`` for an activation, each of shape ``[]``.
+def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
+                       granularity: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic ``(scale, zero_point)`` for an activation: shape ``[..., 1]`` per token (one
+    per row of the last dim), ``[]`` with ``granularity="tensor"``.
 
     Symmetric: ``scale = max|x| / (2**(bits-1) - 1)``, zero point int8 0. Asymmetric
     (ONNX ``DynamicQuantizeLinear``): the range is widened to include 0 so that 0 is
@@ -425,13 +437,19 @@ def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True) -> tu
         >>> s, zp = activation_qparams(torch.tensor([-1.0, 0.0, 3.0]), 8, symmetric=False)
         >>> round(s.item() * 255, 5), zp.item()
         (4.0, 64)
+        >>> activation_qparams(torch.tensor([[1.0, -2.0], [0.5, 0.25]]), 3)[0].flatten().tolist()
+        [0.6666666865348816, 0.1666666716337204]
     """
-    spec = QuantSpec.activation(bits, symmetric=symmetric)
+    spec = QuantSpec.activation(bits, symmetric=symmetric, granularity=granularity)
     x = x.detach()
     if symmetric:
         return compute_scale(x, spec), torch.zeros((), dtype=torch.int8, device=x.device)
-    lo = torch.clamp(x.amin(), max=0)
-    hi = torch.clamp(x.amax(), min=0)
+    if granularity == "token":
+        lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
+        hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
+    else:
+        lo = torch.clamp(x.amin(), max=0)
+        hi = torch.clamp(x.amax(), min=0)
     scale = ((hi - lo) / spec.qmax).clamp_min(_eps(x.dtype))
     zero_point = torch.clamp(torch.round(-lo / scale), 0, spec.qmax).to(torch.uint8)
     return scale, zero_point
@@ -442,7 +460,7 @@ def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True) -> tu
 def _fake_quant_value(x: torch.Tensor, spec: QuantSpec, clip) -> torch.Tensor:
     # The forward value, built only from the public quantize/dequantize path (the invariant).
     if not spec.symmetric:
-        scale, zero_point = activation_qparams(x, spec.bits, symmetric=False)
+        scale, zero_point = activation_qparams(x, spec.bits, symmetric=False, granularity=spec.granularity)
         return dequantize(quantize(x, scale, spec, zero_point), scale, spec, zero_point)
     codes, scale = quantize_weight(x, spec, clip)
     return dequantize(codes, scale, spec)
@@ -525,8 +543,9 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
     return _FakeQuantSTE.apply(x, clip, spec)
 
 
-def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None) -> torch.Tensor:
-    """Per-tensor activation fake quantization: dynamic min-max, or PACT with a ``clip``.
+def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None,
+                          granularity: str = "token") -> torch.Tensor:
+    """Activation fake quantization (per token, or per tensor): dynamic min-max, or PACT with a ``clip``.
 
     Asymmetric values are exactly what ``quantize`` + ``dequantize`` with
     :func:`activation_qparams` give, i.e. what an ONNX integer runtime computes.
@@ -535,4 +554,4 @@ def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, cl
         >>> fake_quant_activation(torch.tensor([-1.0, 0.5, 2.0]), 2, symmetric=False).tolist()
         [-1.0, 0.0, 2.0]
     """
-    return fake_quant(x, QuantSpec.activation(bits, symmetric=symmetric), clip)
+    return fake_quant(x, QuantSpec.activation(bits, symmetric=symmetric, granularity=granularity), clip)

@@ -14,6 +14,8 @@ from dqtool.errors import DQToolError
 from dqtool.quant import QuantSpec, parse_wea
 
 ACT_CLIPS = ("dynamic", "pact")
+# Folders written before act_granularity existed were trained with per-tensor ranges.
+LEGACY_ACT_GRANULARITY = "tensor"
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class QuantScheme:
     weight_group_size: int | None = None
     weight_method: str | None = None      # None: ternary for 2 bits, min-max otherwise
     act_symmetric: bool = True
-    act_clip: str = "dynamic"             # dynamic per-batch max|x|, or a learned PACT clip
+    act_clip: str = "dynamic"             # dynamic max|x| (per token/tensor), or a learned PACT clip
+    act_granularity: str = "token"        # token: one dynamic range per row (batch-independent) | tensor
     quantize_attention: bool = True       # also the inputs of the attention matmuls (q.k, probs.v)
 
     def __post_init__(self):
@@ -69,7 +72,8 @@ class QuantScheme:
         return None if self.e_bits is None else QuantSpec.weight(self.e_bits, "row", role="embedding")
 
     def activation_spec(self) -> QuantSpec | None:
-        return None if self.a_bits is None else QuantSpec.activation(self.a_bits, symmetric=self.act_symmetric)
+        return None if self.a_bits is None else QuantSpec.activation(
+            self.a_bits, symmetric=self.act_symmetric, granularity=self.act_granularity)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +84,7 @@ class QuantScheme:
         unknown = sorted(set(d) - known)
         if unknown:
             raise DQToolError(f"unknown quantization scheme keys {unknown}: allowed keys are {sorted(known)}")
-        return cls(**d)
+        return cls(**{"act_granularity": LEGACY_ACT_GRANULARITY, **d})
 
     def with_(self, **kw) -> "QuantScheme":
         return replace(self, **kw)

@@ -27,6 +27,8 @@ SCHEMES = {  # name -> (W-E-A, scheme overrides)
     "8-8-8-pact": ("8-8-8", dict(act_clip="pact")),
     "3-4-none": ("3-4-none", {}),
     "8-8-8-asym": ("8-8-8", dict(act_symmetric=False)),
+    "8-8-8-asym-tensor": ("8-8-8", dict(act_symmetric=False, act_granularity="tensor")),
+    "4-4-4-asym": ("4-4-4", dict(act_symmetric=False)),
     "4-none-8-tensor": ("4-none-8", dict(weight_granularity="tensor")),
 }
 

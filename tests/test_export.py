@@ -40,6 +40,8 @@ def _inits(folder: Path, fname: str) -> dict:
     ("bart", "2-2-8", "auto", "MatMulInteger"),
     ("t5", "2-2-8", "auto", "MatMulInteger"),
     ("marian", "8-8-8-asym", "auto", "MatMulInteger"),
+    ("bart", "8-8-8-asym-tensor", "auto", "DynamicQuantizeLinear"),
+    ("bart", "4-4-4-asym", "auto", "MatMulInteger"),
     ("bart", "2-2-8", "nbits", "MatMulNBits"),
     ("t5v1_1", "8-8-8-pact", "auto", "MatMulInteger"),
 ])
@@ -68,6 +70,34 @@ def test_export_uses_quantized_ops_and_generates_like_packed_runtime(tmp_path, a
     gen = dict(max_new_tokens=8, do_sample=False, num_beams=1)
     assert ort_model.generate(input_ids=ids, attention_mask=mask, **gen).tolist() == \
         ref.generate(input_ids=ids, attention_mask=mask, **gen).tolist()
+
+
+@pytest.mark.parametrize("scheme", ["2-2-8", "8-8-8-asym"])
+def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, scheme):
+    """With per-token activation ranges a request's tokens do not depend on what else is in
+    the batch, or on how much padding that adds: alone or batched, in the packed runtime
+    and in ONNX Runtime, greedy tokens are the same (per-tensor ranges broke this)."""
+    from dqtool.ort_runtime import load_onnx
+
+    packed = _packed(tmp_path, "bart", scheme)
+    export(packed, tmp_path / "onnx")
+    ref, _ = load_packed(packed)
+    rt = load_onnx(tmp_path / "onnx")
+    ids = torch.randint(4, 300, (3, 11), generator=torch.Generator().manual_seed(3))
+    ids[2] *= 3  # a row with other token statistics
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    mask[1, 8:] = 0
+    gen = dict(max_new_tokens=10, do_sample=False, num_beams=1)
+    batched = ref.generate(input_ids=ids, attention_mask=mask, **gen)
+    assert np.array_equal(rt.generate(input_ids=ids, attention_mask=mask, **gen), batched.numpy())
+    for i in range(3):
+        n = int(mask[i].sum())
+        alone = ref.generate(input_ids=ids[i:i + 1, :n], **gen)
+        row = batched[i, :alone.shape[1]]
+        assert torch.equal(alone[0], row), i
+        assert (batched[i, alone.shape[1]:] == ref.config.pad_token_id).all()
+        assert np.array_equal(rt.generate(input_ids=ids[i:i + 1, :n], **gen)[0], row.numpy()), i
 
 
 def test_weights_are_stored_once_under_packed_names(tmp_path):

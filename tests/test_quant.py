@@ -209,34 +209,70 @@ def test_lsq_needs_clip():
 
 # --------------------------------------------------------------------------- activations
 
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shift", [0.0, 1.5, -4.0, 20.0])
-def test_asymmetric_activation_round_trip(bits, shift):
+def test_asymmetric_activation_round_trip(bits, shift, granularity):
     x = _randn(4, 6, 10, seed=bits) * 2.0 + shift
-    scale, zp = activation_qparams(x, bits, symmetric=False)
-    spec = QuantSpec.activation(bits, symmetric=False)
+    scale, zp = activation_qparams(x, bits, symmetric=False, granularity=granularity)
+    assert scale.shape == ((4, 6, 1) if granularity == "token" else ())
+    spec = QuantSpec.activation(bits, symmetric=False, granularity=granularity)
     codes = quantize(x, scale, spec, zp)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 2 ** bits - 1
-    assert codes.unique().numel() <= 2 ** bits
+    rows = codes.reshape(-1, 10) if granularity == "token" else codes.reshape(1, -1)
+    assert max(r.unique().numel() for r in rows) <= 2 ** bits
     deq = dequantize(codes, scale, spec, zp)
-    assert torch.equal(fake_quant_activation(x, bits, symmetric=False), deq)
-    assert (x - deq).abs().max() <= scale / 2 * (1 + 1e-5)
+    assert torch.equal(fake_quant_activation(x, bits, symmetric=False, granularity=granularity), deq)
+    assert ((x - deq).abs() <= scale / 2 * (1 + 1e-5)).all()
     if x.min() >= 0:
-        assert zp.item() == 0
+        assert (zp == 0).all()
     # 0 is exactly representable (ONNX widens the range to include it).
-    zero = dequantize(quantize(torch.zeros(1), scale, spec, zp), scale, spec, zp)
-    assert zero.item() == 0.0
+    zero = dequantize(quantize(torch.zeros_like(x), scale, spec, zp), scale, spec, zp)
+    assert (zero == 0.0).all()
 
 
 def test_symmetric_activation_is_dynamic_per_tensor():
     x = _randn(2, 3, 8, seed=13)
-    scale, zp = activation_qparams(x, 8)
+    spec = QuantSpec.activation(8, granularity="tensor")
+    scale, zp = activation_qparams(x, 8, granularity="tensor")
     assert scale.shape == () and zp.item() == 0
     assert torch.allclose(scale, x.abs().max() / 127)
-    y = fake_quant_activation(x, 8)
+    y = fake_quant_activation(x, 8, granularity="tensor")
     assert y.unique().numel() <= 255
-    assert torch.equal(y, dequantize(quantize(x, scale, QuantSpec.activation(8)), scale, QuantSpec.activation(8)))
-    assert not torch.equal(activation_qparams(x * 2, 8)[0], scale)  # scale follows the batch
+    assert torch.equal(y, dequantize(quantize(x, scale, spec), scale, spec))
+    assert not torch.equal(activation_qparams(x * 2, 8, granularity="tensor")[0], scale)  # scale follows the batch
+
+
+def test_symmetric_activation_per_token():
+    x = _randn(2, 3, 8, seed=13)
+    spec = QuantSpec.activation(8)
+    assert spec.granularity == "token"
+    scale, zp = activation_qparams(x, 8)
+    assert scale.shape == (2, 3, 1) and torch.allclose(scale, x.abs().amax(-1, keepdim=True) / 127)
+    y = fake_quant_activation(x, 8)
+    assert torch.equal(y, dequantize(quantize(x, scale, spec), scale, spec))
+    assert all(r.unique().numel() <= 255 for r in y.reshape(-1, 8))
+    assert (y.abs().amax(-1) == x.abs().amax(-1)).all()  # every row's max is on its own grid
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_token_activation_ignores_the_rest_of_the_batch(symmetric):
+    """A row's codes are the same alone, in a batch, or next to a padded/huge row;
+    per-tensor codes change with the batch (what made batched ONNX and PyTorch
+    generation disagree on rows a runtime padded differently)."""
+    x = _randn(3, 5, 16, seed=21)
+    other = torch.cat([x, 100 * _randn(1, 5, 16, seed=22)])
+    for g, invariant in (("token", True), ("tensor", False)):
+        alone = fake_quant_activation(x[:1], 8, symmetric, granularity=g)
+        in_batch = fake_quant_activation(other, 8, symmetric, granularity=g)[:1]
+        assert torch.equal(alone, in_batch) is invariant
+
+
+def test_token_granularity_is_for_activations():
+    with pytest.raises(DQToolError, match="granularity 'token' is for activations"):
+        QuantSpec.weight(4, "token")
+    with pytest.raises(DQToolError, match="choose token or tensor"):
+        QuantSpec.activation(8, granularity="row")
 
 
 def test_asymmetric_activation_rejects_clip():
