@@ -9,7 +9,7 @@ post-process, check, save:
 1. :func:`plan_linears` picks per Linear the ``integer`` path (MatMulInteger on int8
    activation codes, bit-faithful up to float rounding) or ``nbits`` (MatMulNBits);
    a scheme this onnxruntime cannot run (3-bit weights, an odd group size, asymmetric
-   activations below 8 bits) is an error before anything is exported, naming what to choose.
+   per-tensor activations below 8 bits) is an error before anything is exported, naming what to choose.
 2. optimum's exporter writes ``encoder_model.onnx`` and a merged ``decoder_model_merged.onnx``
    (one graph with a use-cache branch: one copy of the decoder weights) from the packed
    model in export mode (:mod:`dqtool.onnx_ops`).

@@ -6,14 +6,17 @@ computes exactly what the packed runtime computes (so optimum's tracing and
 any check run the trained numerics); the TorchScript exporter calls the autograd
 function's ``symbolic`` instead, which writes one of two ONNX Runtime paths:
 
-``integer`` (8-bit-or-less symmetric activations, or asymmetric 8-bit; weights per row
-or per tensor) -- bit-faithful up to float rounding of the final rescale::
+``integer`` (activations quantized; weights per row or per tensor) -- bit-faithful up to
+float rounding of the final rescale::
 
-    x --(|x|max/qmax | PACT clip)--> codes (+128 as uint8, zero point 128: ORT's fast u8s8 kernels)
-      --MatMulInteger(int8 W codes [K, N])--> int32
-      --Cast--> * (s_x * s_w[N]) + bias
-    asymmetric 8-bit: DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp) (ORT fuses
-    these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
+    x --(|x|max/qmax per token or tensor | PACT clip)--> codes (+128 as uint8, zero point
+      128: ORT's fast u8s8 kernels) --MatMulInteger(int8 W codes [K, N])--> int32
+      --Cast--> * s_x * s_w[N] + bias
+    asymmetric per tensor (8-bit): DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp)
+    (ORT fuses these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
+    asymmetric per token: codes and per-row zero points computed in-graph as training
+    does; MatMulInteger(x_u8, W) - zp * colsum(W) (exact int32; ORT's MatMulInteger
+    takes scalar zero points only)
 
   W codes are stored packed (``qweight``, dqtool.pack layout); the graph unpacks them
   with BitShift/BitwiseAnd/Cast/Transpose on the initializer only, which ONNX Runtime
@@ -24,7 +27,7 @@ or per tensor) -- bit-faithful up to float rounding of the final rescale::
 the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the scales
 repeated per block (exact: the same scale). Activations, when the scheme quantizes them,
 are fake-quantized in the graph first; with ``accuracy_level=4`` ORT then re-quantizes A
-per block to int8 for speed (an approximation of training's per-tensor grid), with
+per block to int8 for speed (an approximation of training's grid), with
 ``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits).
 """
 
