@@ -52,6 +52,10 @@ CELLS = {  # name -> (W-E-A, loss config)
                                                    enc_last=0.1)),
     "8-8-8 distill KL light": ("8-8-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0.1, attention=0.1,
                                                    enc_last=0.1)),
+    # Sequence-level distillation (QATConfig.targets="teacher"): trained on the teacher's outputs.
+    "2-2-8 seq-KD": ("2-2-8", LossConfig(task=1, logits=0, hidden=0, attention=0, enc_last=0), "teacher"),
+    "2-2-8 seq-KD + logits-KL": ("2-2-8", LossConfig(logits_kind="kl", temperature=2.0, hidden=0, attention=0,
+                                                     enc_last=0), "teacher"),
 }
 DEFAULT_CELLS = ("8-8-8 distill", "2-2-8 distill", "2-2-8 no distill")
 
@@ -112,7 +116,8 @@ def main() -> None:
     evaluate("teacher (float)", args.teacher, {})
     evaluate(f"student {args.encoder_layers}-{args.decoder_layers} layer copy, no tuning", student, {})
     for name in args.cells.split(","):
-        wea, losses = CELLS[name]
+        wea, losses, *rest = CELLS[name]
+        targets = rest[0] if rest else "data"
         out = work / (name.replace(" ", "_") + ("" if args.seed == QATConfig.seed else f"_seed{args.seed}"))
         seconds = None
         if not out.exists():
@@ -120,12 +125,12 @@ def main() -> None:
             qat(student, out, QATConfig(data=str(args.data), scheme=QuantScheme.from_wea(wea), losses=losses,
                                         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                         source_max_length=128, target_max_length=32, save_steps=args.steps,
-                                        seed=args.seed),
+                                        seed=args.seed, targets=targets),
                 progress=False)
             seconds = round(time.time() - t0, 1)
         trainer_seconds = json.loads((out / "dqtool-manifest.json").read_text()).get("seconds")
         evaluate(f"student {args.encoder_layers}-{args.decoder_layers} QAT {name}", out,
-                 {"train_seconds": seconds, "trainer_seconds": trainer_seconds, "steps": args.steps, "seed": args.seed, "losses": _describe(losses)})
+                 {"train_seconds": seconds, "trainer_seconds": trainer_seconds, "steps": args.steps, "seed": args.seed, "losses": _describe(losses) + (", teacher's outputs as targets" if targets == "teacher" else "")})
     meta = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
             "torch": torch.__version__, "teacher": str(args.teacher), "eval_rows": args.eval_samples,
             "decode": "greedy, max 32 tokens", "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

@@ -164,6 +164,9 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--source-field", default="source", show_default=True, help="Source text field/column.")
 @click.option("--target-field", default="target", show_default=True, help="Target text field/column.")
 @click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style, e.g. 'summarize: ').")
+@click.option("--targets", type=click.Choice(["data", "teacher"]), default="data", show_default=True,
+              help="Train on the references, or on the teacher's own outputs for the training sources "
+                   "(sequence-level distillation, generated once before training).")
 @click.option("--max-train-samples", type=int, default=None, help="Use only the first N training rows.")
 @click.option("--on-too-long", type=click.Choice(["truncate", "skip", "error"]), default="truncate", show_default=True,
               help="Rows longer than the max lengths: truncate them, skip them (counted), or stop with an error.")

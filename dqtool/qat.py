@@ -40,6 +40,7 @@ from dqtool.scheme import QuantScheme
 SCHEME_FILE = "quantization.json"
 QSTATE_FILE = "quantizers.safetensors"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+TARGETS = ("data", "teacher")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class QATConfig:
     seed: int = 42
     precision: str = "auto"             # auto: bf16 on CUDA that supports it, else fp32
     logging_steps: int = 25
+    targets: str = "data"               # data: the references | teacher: the teacher's outputs (sequence-level KD)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "eval_samples", "eval_beams",
@@ -99,6 +101,8 @@ class QATConfig:
 
         if self.on_too_long not in TOO_LONG:
             raise DQToolError(f"--on-too-long '{self.on_too_long}' is not supported: choose {', '.join(TOO_LONG)}")
+        if self.targets not in TARGETS:
+            raise DQToolError(f"--targets '{self.targets}' is not supported: choose {' or '.join(TARGETS)}")
         if self.precision not in PRECISIONS:
             raise DQToolError(f"--precision '{self.precision}' is not supported: choose {', '.join(PRECISIONS)}")
 
@@ -205,6 +209,36 @@ def _tokenized(cfg: QATConfig, tokenizer, split: str, limit: int | None) -> _Seq
     return _Seq2SeqRows(tokenize_pairs(pairs, tokenizer, dcfg))
 
 
+@torch.no_grad()
+def teacher_targets(teacher, rows: _Seq2SeqRows, max_new_tokens: int, pad_id: int, batch_size: int = 64) -> int:
+    """Sequence-level distillation (Kim & Rush, 2016): replace every row's labels with the
+    teacher's own output for its source, decoded with the teacher's generation config
+    (its beams, length limits) and at most ``max_new_tokens`` tokens. Returns how many
+    rows' labels changed.
+
+    Example (needs a trained teacher, so not run as a doctest)::
+        changed = teacher_targets(teacher, train_rows, 64, tok.pad_token_id)
+    """
+    from dqtool.evaluate import _pad
+
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # little padding per batch
+    device = next(teacher.parameters()).device
+    changed = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = _pad([rows[i]["input_ids"] for i in idx], pad_id, left=False)   # [B, S]
+        gen = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               max_new_tokens=max_new_tokens, do_sample=False)      # [B, 1 + T]
+        eos = teacher.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        for i, seq in zip(idx, gen[:, 1:].tolist()):   # drop the decoder start token
+            cut = next((k + 1 for k, t in enumerate(seq) if t in eos), len(seq))
+            labels = seq[:cut]
+            changed += labels != rows[i]["labels"]
+            rows[i]["labels"] = labels
+    return changed
+
+
 # --------------------------------------------------------------------------- trainer
 
 def _make_trainer_class():
@@ -302,7 +336,7 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
     if tok is None:
         raise DQToolError(f"{student_dir} has no tokenizer files: save the tokenizer with the model")
     t_model = None
-    if cfg.losses.needs_teacher:
+    if cfg.losses.needs_teacher or cfg.targets == "teacher":
         t_model, _ = load_seq2seq(teacher_src)
         if cfg.losses.needs_attention:
             t_model.config._attn_implementation = "eager"  # sdpa returns no attention probabilities
@@ -314,6 +348,14 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
 
     train_ds = _tokenized(cfg, tok, cfg.train_split, cfg.max_train_samples)
     eval_ds = _tokenized(cfg, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
+    relabelled = None
+    if cfg.targets == "teacher":
+        t0 = time.time()
+        if torch.cuda.is_available():
+            t_model.to("cuda")
+        relabelled = teacher_targets(t_model, train_ds, cfg.target_max_length, tok.pad_token_id)
+        print(f"targets: the teacher's outputs for {len(train_ds)} training rows ({relabelled} differ from the "
+              f"references) in {time.time() - t0:.0f}s")
 
     from dqtool.metrics import score
 
@@ -364,7 +406,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
                        config=cfg,
                        extra={"layer_map": maps, "scheme": cfg.scheme.to_dict(), "wea": cfg.scheme.wea,
                               "steps": trainer.state.global_step, "seconds": round(seconds, 1),
-                              "best_metric": best, "resumed_from": checkpoint if resume else None})
+                              "best_metric": best, "resumed_from": checkpoint if resume else None,
+                              "teacher_relabelled_rows": relabelled})
     shutil.rmtree(work, ignore_errors=True)
     return QATResult(out, trainer.state.global_step, seconds, best, final)
 

@@ -147,3 +147,35 @@ def test_on_too_long_error_and_skip(setup, tmp_path):
     r = CliRunner().invoke(main, args + ["--on-too-long", "skip"])
     assert r.exit_code == 0, r.output
     assert "skipped 1 rows" in r.output
+
+
+def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_dir):
+    """Sequence-level distillation: each row's labels become the teacher's own output for
+    its source (decoder start token dropped, cut after EOS); a QAT run with --targets
+    teacher records how many rows it relabelled."""
+    from dqtool.evaluate import _pad
+    from dqtool.loading import load_seq2seq
+    from dqtool.qat import _Seq2SeqRows, teacher_targets
+
+    root, data = setup
+    teacher, tok = load_seq2seq(tiny_dir("bart"))
+    teacher.eval()
+    srcs = ["this package provides data", "a library for parsing files and more files", "tools"]
+    rows = _Seq2SeqRows([{"input_ids": tok(s)["input_ids"], "attention_mask": [1] * len(tok(s)["input_ids"]),
+                          "labels": [0, 5, 2]} for s in srcs])
+    changed = teacher_targets(teacher, rows, 7, tok.pad_token_id, batch_size=2)
+    eos = teacher.generation_config.eos_token_id
+    for s, row in zip(srcs, rows):
+        ids, mask = _pad([tok(s)["input_ids"]], tok.pad_token_id, left=False)
+        ref = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)[0, 1:].tolist()
+        assert row["labels"] == (ref[:ref.index(eos) + 1] if eos in ref else ref)
+        assert 0 < len(row["labels"]) <= 7
+    assert changed == sum(r["labels"] != [0, 5, 2] for r in rows) == 3
+    out = root / "qseq"
+    r = CliRunner().invoke(main, _args(root, data, out, "--wea", "8-8-8", "--targets", "teacher"))
+    assert r.exit_code == 0, r.output
+    assert "targets: the teacher's outputs for" in r.output
+    m = verify_folder(out, "qat")
+    assert m["config"]["targets"] == "teacher" and m["teacher_relabelled_rows"] > 0
+    r = CliRunner().invoke(main, _args(root, data, root / "qbad", "--targets", "model"))
+    assert r.exit_code == 2 and "--targets" in r.output
