@@ -12,7 +12,8 @@ per row, dqtool's default) and each W-E-A scheme, through dqtool's Python API:
 and counts rows whose greedy predictions are identical: packed vs ONNX (the must-show), and
 each runtime batched vs alone (batch invariance). As the floor every float model has, the
 float teacher in PyTorch is compared with optimum's fp32 ONNX export of it in the same way.
-Writes ``benchmarks/results/export_parity_demo.{json,md}``. Finished folders are reused.
+Writes ``benchmarks/results/export_parity_demo.{json,md}``. Finished folders are reused;
+``export_parity_divergences.py`` then examines the rows that still differ.
 
 Usage::
 
@@ -45,39 +46,6 @@ def _same(a, b) -> int:
     return sum(x == y for x, y in zip(a, b))
 
 
-@torch.no_grad()
-def divergences(packed: Path, onnx_dir: Path, rows: list[int], cfg: EvalConfig) -> list[dict]:
-    """Where two runtimes' greedy outputs part, and how close the packed runtime's choice was.
-
-    For each row (batch 1): the first position whose token differs, the packed runtime's
-    top-1 minus top-2 logit there, that gap relative to the logit range, and the rank of
-    ONNX's token in the packed runtime's logits (2 = its runner-up: a near-tie flipped).
-    """
-    from dqtool.convert import load_packed
-    from dqtool.ort_runtime import load_onnx
-
-    model, tok = load_packed(packed)
-    rt = load_onnx(onnx_dir)
-    lines = (DATA / "test.jsonl").read_text().splitlines()
-    out = []
-    for i in rows:
-        src = json.loads(lines[i])["source"]
-        ids = torch.tensor([tok(src, max_length=128, truncation=True)["input_ids"]])
-        g = model.generate(input_ids=ids, **cfg.generate_kwargs(), output_scores=True, return_dict_in_generate=True)
-        a = g.sequences[0].tolist()
-        b = [int(t) for t in rt.generate(input_ids=ids, **cfg.generate_kwargs())[0]]
-        t = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if t is None:
-            out.append({"row": i, "first_diff": None})  # differs only in length/decoding
-            continue
-        sc = g.scores[t - 1][0]                              # logits that chose token t
-        top = torch.topk(sc, 2).values
-        out.append({"row": i, "first_diff": t, "margin": round(float(top[0] - top[1]), 5),
-                    "margin_rel": round(float((top[0] - top[1]) / (sc.max() - sc[sc > -1e30].min())), 6),
-                    "onnx_token_rank": int((sc > sc[b[t]]).sum()) + 1})
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, required=True)
@@ -108,10 +76,6 @@ def main() -> None:
         row = {"model": name, **extra, "rows": len(p64), "ref_rougeL": rl_p, "onnx_rougeL": rl_o,
                "same_b64": _same(p64, o64), "same_b1": _same(p1, o1),
                "ref_b1_vs_b64": _same(p1, p64), "onnx_b1_vs_b64": _same(o1, o64)}
-        if (ref / "packed.safetensors").exists():
-            cfg = EvalConfig(data=str(DATA), split="test", max_length=32)
-            row["divergences_b1"] = divergences(ref, onnx_dir, [i for i, (x, y) in enumerate(zip(p1, o1)) if x != y],
-                                                cfg)
         print(json.dumps(row), flush=True)
         return row
 
@@ -155,13 +119,6 @@ def main() -> None:
         n = r["rows"]
         lines.append(f"| {r['model']} | {r['ref_rougeL']} / {r['onnx_rougeL']} | {r['same_b64']}/{n} | "
                      f"{r['same_b1']}/{n} | {r['ref_b1_vs_b64']}/{n} | {r['onnx_b1_vs_b64']}/{n} |")
-    lines += ["", "Where packed and ONNX part at batch 1: first differing token, the packed runtime's top-1 minus "
-              "top-2 logit there (relative to its logit range), and the rank of ONNX's token in the packed "
-              "runtime's logits (2 = its runner-up).", ""]
-    for r in rows:
-        for d in r.get("divergences_b1", []):
-            lines.append(f"- {r['model']}: row {d['row']}, token {d['first_diff']}, margin {d.get('margin')} "
-                         f"({d.get('margin_rel', 0):.3%} of range), ONNX token rank {d.get('onnx_token_rank')}")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

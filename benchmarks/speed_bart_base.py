@@ -44,6 +44,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/speed_bart_base"))
     ap.add_argument("--student", default="6-3")
     ap.add_argument("--wea", default="2-2-8")
+    ap.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
+                    help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix)")
+    ap.add_argument("--also", type=Path, nargs="*", default=[],
+                    help="more dqtool ONNX folders to measure in the same run (e.g. the other granularity)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -67,25 +71,29 @@ def main() -> None:
     student = w / f"student-{enc}-{dec}"
     if not student.exists():
         distill(teacher, student, DistillConfig(encoder_layers=enc, decoder_layers=dec))
-    scheme = QuantScheme.from_wea(args.wea, act_symmetric=False, quantize_attention=False)
-    qat_dir = w / f"qat-{args.student}-{args.wea}"
+    scheme = QuantScheme.from_wea(args.wea, act_symmetric=False, quantize_attention=False,
+                                  act_granularity=args.act_granularity)
+    tag = f"{args.student}-{args.wea}" + ("-token" if args.act_granularity == "token" else "")
+    qat_dir = w / f"qat-{tag}"
     if not qat_dir.exists():
         model, tok = load_seq2seq(student)
         prepare(model, scheme)
         qat_dir.mkdir(parents=True)
         _save_qat(model, tok, qat_dir, scheme)
         write_manifest(qat_dir, "qat", {"student": str(student)}, {"note": "untrained: latency only"})
-    packed = w / f"packed-{args.student}-{args.wea}"
+    packed = w / f"packed-{tag}"
     if not packed.exists():
         convert(qat_dir, packed, ConvertConfig(float_dtype="float32", teacher=str(teacher), check_samples=2))
-    onnx = w / f"onnx-{args.student}-{args.wea}"
+    onnx = w / f"onnx-{tag}"
     if not onnx.exists():
         export(packed, onnx, ExportConfig())
     cfg = BenchConfig(source_tokens=args.source_tokens, new_tokens=args.new_tokens, runs=args.runs, warmup=2,
                       threads=args.threads, teacher=str(teacher), student=str(student),
                       peers=tuple(p for p in args.peers.split(",") if p))
-    targets = [folder_target(onnx, "dqtool", args.threads, f"dqtool {args.student} {args.wea} (ONNX)"),
-               folder_target(teacher, "teacher", args.threads, "teacher fp32 (PyTorch)")]
+    targets = [folder_target(onnx, "dqtool", args.threads,
+                             f"dqtool {args.student} {args.wea} per-{args.act_granularity} (ONNX)")]
+    targets += [folder_target(p, "dqtool", args.threads, f"dqtool {p.name} (ONNX)") for p in args.also]
+    targets += [folder_target(teacher, "teacher", args.threads, "teacher fp32 (PyTorch)")]
     targets += build_peers(cfg.peers, str(teacher), str(student), w / "peers", args.threads)
     rows = []
     for t in targets:
@@ -95,6 +103,7 @@ def main() -> None:
         print(f"{r['name']}: {r['bytes']['total']:,} bytes, decode {lat['decode_per_token']['median_ms']} ms/token, "
               f"generate {lat['generate']['median_ms']} ms", flush=True)
     report = {"machine": machine(), "threads": args.threads, "student": args.student, "wea": args.wea,
+              "act_granularity": args.act_granularity,
               "source_tokens": args.source_tokens, "new_tokens": args.new_tokens, "runs": args.runs, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
@@ -102,7 +111,8 @@ def main() -> None:
     lines = ["# Decode latency at BART-base shape (random weights; latency only)", "",
              f"{report['machine']['description']}, {args.threads} threads, batch 1, {args.source_tokens} source "
              f"tokens, {args.new_tokens} greedy tokens, median of {args.runs} runs (p10-p90). dqtool: student "
-             f"{args.student} of a 6+6 teacher at {args.wea} (asymmetric activations, float attention products).", "",
+             f"{args.student} of a 6+6 teacher at {args.wea} (asymmetric activations per {args.act_granularity}, float "
+             f"attention products).", "",
              "| model | MB | encoder ms | decode ms/token | generate ms | dqtool decode speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
