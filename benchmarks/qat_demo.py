@@ -126,7 +126,7 @@ def main() -> None:
                                         max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                         source_max_length=128, target_max_length=32, save_steps=args.steps,
                                         seed=args.seed, targets=targets),
-                progress=False)
+                progress=False, cache_dir=work / "cache")
             seconds = round(time.time() - t0, 1)
         trainer_seconds = json.loads((out / "dqtool-manifest.json").read_text()).get("seconds")
         evaluate(f"student {args.encoder_layers}-{args.decoder_layers} QAT {name}", out,

@@ -258,7 +258,7 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
             distill(recipe.teacher, s.out, s.config, force=True)
         elif s.stage == "qat":
             qat(student, s.out, s.config, teacher=recipe.teacher, force=s.status == "run",
-                resume=s.status == "resume")
+                resume=s.status == "resume", cache_dir=recipe.work / "cache")
         elif s.stage == "convert":
             convert(s.out.with_name(s.out.name.replace("packed-", "qat-", 1)), s.out, s.config, force=True)
         elif s.stage == "export":

@@ -20,6 +20,7 @@ Only when training finished is the QAT folder assembled (temp folder + rename):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -308,9 +309,50 @@ def _last_checkpoint(work: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
+def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok, teacher_src: str,
+                            cache_dir: Path | None) -> int:
+    """:func:`teacher_targets`, reusing the labels a run with the same teacher weights, data
+    and tokenization already generated (``cache_dir/teacher-targets-<key>.json``): the
+    schemes of one ``dqtool compress`` run share one generation."""
+    from dqtool.loading import describe_source
+
+    key_doc = {"teacher": describe_source(teacher_src).get("weights_sha256") or teacher_src,
+               "generation": t_model.generation_config.to_dict(), "data": _describe_data(cfg)["sha256"],
+               **{f: getattr(cfg, f) for f in ("train_split", "source_field", "target_field", "prefix",
+                                               "source_max_length", "target_max_length", "max_train_samples",
+                                               "on_too_long")}}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir / f"teacher-targets-{key}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        labels = json.loads(path.read_text())
+        if len(labels) == len(train_ds):
+            changed = 0
+            for row, lab in zip(train_ds, labels):
+                changed += lab != row["labels"]
+                row["labels"] = lab
+            print(f"targets: the teacher's outputs for {len(train_ds)} training rows, reused from {path}")
+            return changed
+    t0 = time.time()
+    if torch.cuda.is_available():
+        t_model.to("cuda")
+    changed = teacher_targets(t_model, train_ds, cfg.target_max_length, tok.pad_token_id)
+    print(f"targets: the teacher's outputs for {len(train_ds)} training rows ({changed} differ from the "
+          f"references) in {time.time() - t0:.0f}s")
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([row["labels"] for row in train_ds]))
+        os.replace(tmp, path)  # a killed run never leaves a half-written cache
+    return changed
+
+
 def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, teacher: str | None = None,
-        force: bool = False, resume: bool = False, progress: bool = True) -> QATResult:
+        force: bool = False, resume: bool = False, progress: bool = True,
+        cache_dir: str | os.PathLike | None = None) -> QATResult:
     """Fine-tune ``student`` with fake quantization and distillation; write the QAT folder.
+
+    ``cache_dir`` (optional) keeps the teacher's outputs of ``targets="teacher"`` for
+    later runs with the same teacher, data and tokenization.
 
     Example (needs real folders, so not run as a doctest)::
         qat("runs/student", "runs/qat", QATConfig(data="data/", scheme=QuantScheme.from_wea("2-2-8")))
@@ -350,12 +392,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
     eval_ds = _tokenized(cfg, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
     relabelled = None
     if cfg.targets == "teacher":
-        t0 = time.time()
-        if torch.cuda.is_available():
-            t_model.to("cuda")
-        relabelled = teacher_targets(t_model, train_ds, cfg.target_max_length, tok.pad_token_id)
-        print(f"targets: the teacher's outputs for {len(train_ds)} training rows ({relabelled} differ from the "
-              f"references) in {time.time() - t0:.0f}s")
+        relabelled = _cached_teacher_targets(t_model, train_ds, cfg, tok, teacher_src,
+                                             Path(cache_dir) if cache_dir is not None else None)
 
     from dqtool.metrics import score
 

@@ -177,5 +177,19 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     assert "targets: the teacher's outputs for" in r.output
     m = verify_folder(out, "qat")
     assert m["config"]["targets"] == "teacher" and m["teacher_relabelled_rows"] > 0
+    # A cache dir lets a second scheme reuse the first one's generation, with the same labels.
+    from dqtool.qat import QATConfig, qat
+    from dqtool.scheme import QuantScheme
+
+    cfg = QATConfig(data=str(data), scheme=QuantScheme.from_wea("2-2-8"), targets="teacher", max_steps=1,
+                    save_steps=1, batch_size=4, source_max_length=32, target_max_length=16)
+    first = qat(root / "student", root / "qc1", cfg, progress=False, cache_dir=root / "cache")
+    cached = list((root / "cache").glob("teacher-targets-*.json"))
+    assert len(cached) == 1 and not list((root / "cache").glob("*.tmp"))
+    second = qat(root / "student", root / "qc2", cfg, progress=False, cache_dir=root / "cache")
+    m1, m2 = verify_folder(first.out_dir, "qat"), verify_folder(second.out_dir, "qat")
+    assert m1["teacher_relabelled_rows"] == m2["teacher_relabelled_rows"] == m["teacher_relabelled_rows"]
+    assert _weights(first.out_dir).keys() == _weights(second.out_dir).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_weights(first.out_dir).values(), _weights(second.out_dir).values()))
     r = CliRunner().invoke(main, _args(root, data, root / "qbad", "--targets", "model"))
     assert r.exit_code == 2 and "--targets" in r.output
