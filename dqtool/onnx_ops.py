@@ -95,42 +95,65 @@ def _reduce(g, op, x, per_token: bool):
     return g.op(op, x, _const(g, [-1], torch.int64), keepdims_i=1) if per_token else g.op(op, x, keepdims_i=0)
 
 
-def _act_codes(g, x, plan: LinearPlan):
-    """ONNX ops giving ``(codes uint8, scale, zero_point)`` of the activation, with the
-    same float ops as :func:`dqtool.quant.quantize` / ``activation_qparams``.
+def _token_zero_points(plan: LinearPlan) -> bool:
+    # Asymmetric per-token codes: one float zero point per row (see _act_codes).
+    return not plan.a_symmetric and plan.a_granularity == "token" and plan.clip == 0
 
-    The zero point is the uint8 scalar 128 (symmetric codes stored +128), the uint8
-    scalar of ``DynamicQuantizeLinear`` (asymmetric per tensor), or -- asymmetric per
-    token -- a float ``[..., 1]`` tensor, which MatMulInteger cannot take (ORT: scalar
-    zero points only) and :func:`_integer_matmul` subtracts itself."""
+
+def _act_grid(g, x, plan: LinearPlan):
+    """``(r, scale, zero_point)``: the activation's codes as float integers on training's grid
+    (symmetric ``-qmax..qmax``, zero point None; asymmetric per token ``0..2^b-1`` with a
+    float ``[..., 1]`` zero point), computed with the same float ops as
+    :func:`dqtool.quant.quantize` / ``activation_qparams``."""
     per_token = plan.a_granularity == "token" and plan.clip == 0
     f32 = torch.float32
     if not plan.a_symmetric:
-        if not _token_zero_points(plan):
-            q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
-            return q, s, zp
         qmax = float(2 ** plan.a_bits - 1)
         lo = g.op("Min", _reduce(g, "ReduceMin", x, True), _const(g, 0.0, f32))
         hi = g.op("Max", _reduce(g, "ReduceMax", x, True), _const(g, 0.0, f32))
         s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _const(g, qmax, f32)), _const(g, 1e-8, f32))
         zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), s)), _const(g, 0.0, f32), _const(g, qmax, f32))
         r = g.op("Add", g.op("Round", g.op("Div", x, s)), zp)
-        r = g.op("Clip", r, _const(g, 0.0, f32), _const(g, qmax, f32))
-        return g.op("Cast", r, to_i=_onnx_type("UINT8")), s, zp
+        return g.op("Clip", r, _const(g, 0.0, f32), _const(g, qmax, f32)), s, zp
     qmax = 2 ** (plan.a_bits - 1) - 1
     if plan.clip > 0:
-        c = torch.tensor(plan.clip, dtype=torch.float32)
-        x = g.op("Clip", x, _const(g, -c.item(), torch.float32), _const(g, c.item(), torch.float32))
-        s = _const(g, (c / qmax).clamp_min(1e-8).item(), torch.float32)
+        c = torch.tensor(plan.clip, dtype=f32)
+        x = g.op("Clip", x, _const(g, -c.item(), f32), _const(g, c.item(), f32))
+        s = _const(g, (c / qmax).clamp_min(1e-8).item(), f32)
     else:
         amax = _reduce(g, "ReduceMax", g.op("Abs", x), per_token)
-        s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), torch.float32)), _const(g, 1e-8, torch.float32))
-    r = g.op("Round", g.op("Div", x, s))
-    r = g.op("Clip", r, _const(g, float(-qmax), torch.float32), _const(g, float(qmax), torch.float32))
+        s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), f32)), _const(g, 1e-8, f32))
+    r = g.op("Clip", g.op("Round", g.op("Div", x, s)), _const(g, float(-qmax), f32), _const(g, float(qmax), f32))
+    return r, s, None
+
+
+def _act_codes(g, x, plan: LinearPlan):
+    """``(codes uint8, scale, zero_point)`` of the activation for MatMulInteger.
+
+    The zero point is the uint8 scalar 128 (symmetric codes stored +128), the uint8
+    scalar of ``DynamicQuantizeLinear`` (asymmetric per tensor: exactly training's
+    quantizer), or -- asymmetric per token -- a float ``[..., 1]`` tensor, which
+    MatMulInteger cannot take (ORT: scalar zero points only) and :func:`_integer_matmul`
+    subtracts itself."""
+    if not plan.a_symmetric and not _token_zero_points(plan):
+        q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        return q, s, zp
+    r, s, zp = _act_grid(g, x, plan)
+    if zp is not None:
+        return g.op("Cast", r, to_i=_onnx_type("UINT8")), s, zp
     # Stored as uint8 code + 128 with zero point 128: the same integers (MatMulInteger
     # subtracts the zero point exactly), but ORT's fast u8s8 kernels instead of s8s8.
     u = g.op("Cast", g.op("Add", r, _const(g, 128.0, torch.float32)), to_i=_onnx_type("UINT8"))
     return u, s, _const(g, 128, torch.uint8)
+
+
+def _fake_quant_act(g, x, plan: LinearPlan):
+    """The activation's dequantized value ``(codes - zero point) * scale`` (float ops only,
+    no integer casts: the input of MatMulNBits)."""
+    if not plan.a_symmetric and not _token_zero_points(plan):
+        return g.op("DequantizeLinear", *g.op("DynamicQuantizeLinear", x, outputs=3))
+    r, s, zp = _act_grid(g, x, plan)
+    return g.op("Mul", r if zp is None else g.op("Sub", r, zp), s)
 
 
 def _weight_codes_kn(g, qweight, plan: LinearPlan):
@@ -162,11 +185,6 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     return b, s
 
 
-def _token_zero_points(plan: LinearPlan) -> bool:
-    # Asymmetric per-token codes: one float zero point per row (see _act_codes).
-    return not plan.a_symmetric and plan.a_granularity == "token" and plan.clip == 0
-
-
 def _integer_matmul(g, q, w, zp, plan: LinearPlan):
     """int32 ``(q - zp) @ w``: MatMulInteger with a scalar zero point, or (per-token
     zero points) without one, minus ``zp * colsum(w)`` -- exact in int32."""
@@ -175,12 +193,6 @@ def _integer_matmul(g, q, w, zp, plan: LinearPlan):
     colsum = g.op("ReduceSum", g.op("Cast", w, to_i=_onnx_type("INT32")), _const(g, [0], torch.int64),
                   keepdims_i=0)                                                     # [N], constant-folded
     return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
-
-
-def _dequant_act(g, q, s, zp):
-    # (codes - zero point) * scale, as dqtool.quant.dequantize computes it.
-    f = _onnx_type("FLOAT")
-    return g.op("Mul", g.op("Sub", g.op("Cast", q, to_i=f), g.op("Cast", zp, to_i=f)), s)
 
 
 class _QLinearFn(torch.autograd.Function):
@@ -210,7 +222,7 @@ class _QLinearFn(torch.autograd.Function):
         else:
             a = x
             if plan.a_bits is not None:
-                a = _dequant_act(g, *_act_codes(g, x, plan))
+                a = _fake_quant_act(g, x, plan)
             b, sc = _nbits_inputs(g, qweight, scale, plan, spec)
             y = g.op("com.microsoft::MatMulNBits", a, b, sc, K_i=plan.in_features, N_i=plan.out_features,
                      bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
