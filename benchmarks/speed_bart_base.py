@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--wea", default="2-2-8")
     ap.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
                     help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix)")
+    ap.add_argument("--act-symmetric", action="store_true", help="symmetric activation codes (default asymmetric)")
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="more dqtool ONNX folders to measure in the same run (e.g. the other granularity)")
     ap.add_argument("--threads", type=int, default=2)
@@ -71,9 +72,10 @@ def main() -> None:
     student = w / f"student-{enc}-{dec}"
     if not student.exists():
         distill(teacher, student, DistillConfig(encoder_layers=enc, decoder_layers=dec))
-    scheme = QuantScheme.from_wea(args.wea, act_symmetric=False, quantize_attention=False,
+    scheme = QuantScheme.from_wea(args.wea, act_symmetric=args.act_symmetric, quantize_attention=False,
                                   act_granularity=args.act_granularity)
-    tag = f"{args.student}-{args.wea}" + ("-token" if args.act_granularity == "token" else "")
+    tag = f"{args.student}-{args.wea}" + ("-token" if args.act_granularity == "token" else "") \
+        + ("-sym" if args.act_symmetric else "")
     qat_dir = w / f"qat-{tag}"
     if not qat_dir.exists():
         model, tok = load_seq2seq(student)
@@ -111,7 +113,7 @@ def main() -> None:
     lines = ["# Decode latency at BART-base shape (random weights; latency only)", "",
              f"{report['machine']['description']}, {args.threads} threads, batch 1, {args.source_tokens} source "
              f"tokens, {args.new_tokens} greedy tokens, median of {args.runs} runs (p10-p90). dqtool: student "
-             f"{args.student} of a 6+6 teacher at {args.wea} (asymmetric activations per {args.act_granularity}, float "
+             f"{args.student} of a 6+6 teacher at {args.wea} ({'symmetric' if args.act_symmetric else 'asymmetric'} activations per {args.act_granularity}, float "
              f"attention products).", "",
              "| model | MB | encoder ms | decode ms/token | generate ms | dqtool decode speed-up |",
              "|---|---:|---:|---:|---:|---:|"]
