@@ -28,7 +28,9 @@ the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the 
 repeated per block (exact: the same scale). Activations, when the scheme quantizes them,
 are fake-quantized in the graph first; with ``accuracy_level=4`` ORT then re-quantizes A
 per block to int8 for speed (an approximation of training's grid), with
-``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits).
+``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
+dynamic activations at level 4 the graph leaves the quantization to the kernel
+(:func:`kernel_quantizes_input`).
 """
 
 from __future__ import annotations
@@ -123,7 +125,10 @@ def _act_grid(g, x, plan: LinearPlan):
     else:
         amax = _reduce(g, "ReduceMax", g.op("Abs", x), per_token)
         s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), f32)), _const(g, 1e-8, f32))
-    r = g.op("Clip", g.op("Round", g.op("Div", x, s)), _const(g, float(-qmax), f32), _const(g, float(qmax), f32))
+    r = g.op("Round", g.op("Div", x, s))
+    if plan.clip > 0:
+        r = g.op("Clip", r, _const(g, float(-qmax), f32), _const(g, float(qmax), f32))
+    # (Dynamic ranges need no Clip: |x| <= max|x| = s * qmax, so |x / s| rounds to <= qmax.)
     return r, s, None
 
 
@@ -195,6 +200,15 @@ def _integer_matmul(g, q, w, zp, plan: LinearPlan):
     return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
 
 
+def kernel_quantizes_input(plan: LinearPlan) -> bool:
+    """True when MatMulNBits quantizes the float input itself and the graph need not:
+    8-bit dynamic activations at ``accuracy_level=4``, where ORT's kernel rounds A to int8
+    per row and block of ``block_size`` inputs -- a finer grid than training's per-token
+    (or per-tensor) range, so fake-quantizing first would only add a second rounding and
+    a dozen small ops per Linear per generated token."""
+    return plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0
+
+
 class _QLinearFn(torch.autograd.Function):
     """Forward: the packed runtime's numerics. Symbolic: ORT's quantized ops."""
 
@@ -221,7 +235,7 @@ class _QLinearFn(torch.autograd.Function):
                 y = g.op("Mul", y, g.op("Mul", s, scale))
         else:
             a = x
-            if plan.a_bits is not None:
+            if plan.a_bits is not None and not kernel_quantizes_input(plan):
                 a = _fake_quant_act(g, x, plan)
             b, sc = _nbits_inputs(g, qweight, scale, plan, spec)
             y = g.op("com.microsoft::MatMulNBits", a, b, sc, K_i=plan.in_features, N_i=plan.out_features,
