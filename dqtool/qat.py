@@ -311,16 +311,17 @@ def _last_checkpoint(work: Path) -> str | None:
 
 def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok, teacher_src: str,
                             cache_dir: Path | None) -> int:
-    """:func:`teacher_targets`, reusing the labels a run with the same teacher weights, data
-    and tokenization already generated (``cache_dir/teacher-targets-<key>.json``): the
-    schemes of one ``dqtool compress`` run share one generation."""
+    """:func:`teacher_targets`, reusing the labels a run with the same teacher weights,
+    generation config and tokenized training sources already generated
+    (``cache_dir/teacher-targets-<key>.json``): the schemes of one ``dqtool compress`` run
+    share one generation."""
     from dqtool.loading import describe_source
 
+    # The tokenized sources stand for data, split, prefix, tokenizer and lengths at once.
+    sources = hashlib.sha256(json.dumps([row["input_ids"] for row in train_ds]).encode()).hexdigest()
     key_doc = {"teacher": describe_source(teacher_src).get("weights_sha256") or teacher_src,
-               "generation": t_model.generation_config.to_dict(), "data": _describe_data(cfg)["sha256"],
-               **{f: getattr(cfg, f) for f in ("train_split", "source_field", "target_field", "prefix",
-                                               "source_max_length", "target_max_length", "max_train_samples",
-                                               "on_too_long")}}
+               "generation": t_model.generation_config.to_dict(), "sources": sources,
+               "max_new_tokens": cfg.target_max_length}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir / f"teacher-targets-{key}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -394,6 +395,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
     if cfg.targets == "teacher":
         relabelled = _cached_teacher_targets(t_model, train_ds, cfg, tok, teacher_src,
                                              Path(cache_dir) if cache_dir is not None else None)
+        if not cfg.losses.needs_teacher:
+            t_model = None  # only its outputs were needed
 
     from dqtool.metrics import score
 
