@@ -183,3 +183,19 @@ def test_bench_cuda_without_gpu_is_a_clear_error(tmp_path):
         pytest.skip("a GPU is present: the error path cannot be reached")
     r = CliRunner().invoke(main, ["bench", str(tmp_path), "--out", str(tmp_path / "o"), "--device", "cuda"])
     assert r.exit_code == 2 and "no CUDA GPU" in r.output
+
+
+def test_shipped_recipes_validate():
+    """The recipes in recipes/ load: the demo trains on the teacher's outputs with per-token
+    activations; the paper recipes keep DQ-BART's per-batch (per-tensor) ranges."""
+    from dqtool.compress import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    demo = load_recipe(root / "demo.yaml")
+    assert {c.targets for c in demo.qats.values()} == {"teacher"}
+    assert {c.scheme.act_granularity for c in demo.qats.values()} == {"token"}
+    papers = sorted((root / "paper").glob("*.yaml"))
+    assert len(papers) == 3
+    for p in papers:
+        r = load_recipe(p)
+        assert {c.scheme.act_granularity for c in r.qats.values()} == {"tensor"}, p
