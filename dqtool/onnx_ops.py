@@ -63,6 +63,11 @@ class LinearPlan:
     block_size: int = 0        # nbits only
     accuracy_level: int = 4    # nbits only
 
+    @property
+    def per_row(self) -> bool:
+        """One dynamic range per row of the input (per token); a learned clip is one range."""
+        return self.a_granularity == "token" and self.clip == 0
+
 
 def choose_block(spec: QuantSpec, k: int) -> int:
     """MatMulNBits block size for a weight: its group size, or (row/tensor scales) the
@@ -99,7 +104,7 @@ def _reduce(g, op, x, per_token: bool):
 
 def _token_zero_points(plan: LinearPlan) -> bool:
     # Asymmetric per-token codes: one float zero point per row (see _act_codes).
-    return not plan.a_symmetric and plan.a_granularity == "token" and plan.clip == 0
+    return not plan.a_symmetric and plan.per_row
 
 
 def _act_grid(g, x, plan: LinearPlan):
@@ -107,7 +112,6 @@ def _act_grid(g, x, plan: LinearPlan):
     (symmetric ``-qmax..qmax``, zero point None; asymmetric per token ``0..2^b-1`` with a
     float ``[..., 1]`` zero point), computed with the same float ops as
     :func:`dqtool.quant.quantize` / ``activation_qparams``."""
-    per_token = plan.a_granularity == "token" and plan.clip == 0
     f32 = torch.float32
     if not plan.a_symmetric:
         qmax = float(2 ** plan.a_bits - 1)
@@ -123,7 +127,7 @@ def _act_grid(g, x, plan: LinearPlan):
         x = g.op("Clip", x, _const(g, -c.item(), f32), _const(g, c.item(), f32))
         s = _const(g, (c / qmax).clamp_min(1e-8).item(), f32)
     else:
-        amax = _reduce(g, "ReduceMax", g.op("Abs", x), per_token)
+        amax = _reduce(g, "ReduceMax", g.op("Abs", x), plan.per_row)
         s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), f32)), _const(g, 1e-8, f32))
     r = g.op("Round", g.op("Div", x, s))
     if plan.clip > 0:
@@ -227,7 +231,7 @@ class _QLinearFn(torch.autograd.Function):
             q, s, zp = _act_codes(g, x, plan)
             y = _integer_matmul(g, q, _weight_codes_kn(g, qweight, plan), zp, plan)
             y = g.op("Cast", y, to_i=_onnx_type("FLOAT"))
-            if plan.a_granularity == "token" and plan.clip == 0:
+            if plan.per_row:
                 # (y * s[..., 1]) * s_w[N]: not Mul(y, Mul(s, s_w)), which ORT would fuse into
                 # MatMulIntegerToFloat, whose kernel takes one A scale (wrong for per-row s).
                 y = g.op("Mul", g.op("Mul", y, s), scale)

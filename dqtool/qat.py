@@ -224,19 +224,26 @@ def teacher_targets(teacher, rows: _Seq2SeqRows, max_new_tokens: int, pad_id: in
 
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # little padding per batch
     device = next(teacher.parameters()).device
-    changed = 0
+    eos = teacher.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    labels: list[list[int]] = [[] for _ in range(len(rows))]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = _pad([rows[i]["input_ids"] for i in idx], pad_id, left=False)   # [B, S]
         gen = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                max_new_tokens=max_new_tokens, do_sample=False)      # [B, 1 + T]
-        eos = teacher.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
         for i, seq in zip(idx, gen[:, 1:].tolist()):   # drop the decoder start token
             cut = next((k + 1 for k, t in enumerate(seq) if t in eos), len(seq))
-            labels = seq[:cut]
-            changed += labels != rows[i]["labels"]
-            rows[i]["labels"] = labels
+            labels[i] = seq[:cut]
+    return _set_labels(rows, labels)
+
+
+def _set_labels(rows: _Seq2SeqRows, labels: list[list[int]]) -> int:
+    """Give row i the labels ``labels[i]``; returns how many rows changed."""
+    changed = 0
+    for row, lab in zip(rows, labels):
+        changed += lab != row["labels"]
+        row["labels"] = lab
     return changed
 
 
@@ -327,12 +334,8 @@ def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok
     if path is not None and path.is_file():
         labels = json.loads(path.read_text())
         if len(labels) == len(train_ds):
-            changed = 0
-            for row, lab in zip(train_ds, labels):
-                changed += lab != row["labels"]
-                row["labels"] = lab
             print(f"targets: the teacher's outputs for {len(train_ds)} training rows, reused from {path}")
-            return changed
+            return _set_labels(train_ds, labels)
     t0 = time.time()
     if torch.cuda.is_available():
         t_model.to("cuda")

@@ -444,12 +444,9 @@ def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
     x = x.detach()
     if symmetric:
         return compute_scale(x, spec), torch.zeros((), dtype=torch.int8, device=x.device)
-    if granularity == "token":
-        lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0)
-        hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0)
-    else:
-        lo = torch.clamp(x.amin(), max=0)
-        hi = torch.clamp(x.amax(), min=0)
+    over = dict(dim=-1, keepdim=True) if granularity == "token" else {}   # per row, or the whole tensor
+    lo = torch.clamp(x.amin(**over), max=0)
+    hi = torch.clamp(x.amax(**over), min=0)
     scale = ((hi - lo) / spec.qmax).clamp_min(_eps(x.dtype))
     zero_point = torch.clamp(torch.round(-lo / scale), 0, spec.qmax).to(torch.uint8)
     return scale, zero_point
