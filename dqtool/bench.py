@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from dqtool.errors import DQToolError
+from dqtool.fsutil import locked
 
 SCHEMA_VERSION = 1
 JSON_FILE, MD_FILE = "bench.json", "bench.md"
@@ -327,8 +328,9 @@ def markdown(report: dict) -> str:
              f"Machine: {m['description']}; {c['threads']} threads; torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
              f"each model measured in its own process. "
              f"Latency: batch {b}, {c['source_tokens']} source tokens, {c['new_tokens']} greedy tokens, median of "
-             f"{c['runs']} runs after {c['warmup']} warm-up (p10-p90 in brackets). Quality: greedy, first "
-             f"{c['max_samples']} rows of {c['data']} ({c['split']}).", "",
+             f"{c['runs']} runs after {c['warmup']} warm-up (p10-p90 in brackets). "
+             + (f"Quality: greedy, first {c['max_samples']} rows of {c['data']} ({c['split']})." if c.get("data")
+                else "Quality: not measured (no --data)."), "",
              "| model | role | MB | x smaller than fp32 teacher | ROUGE-1 | ROUGE-2 | ROUGE-L | encoder ms | "
              "decode ms/token | generate ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
@@ -417,6 +419,7 @@ class BenchResult:
     report: dict = field(default_factory=dict)
 
 
+@locked("out_dir")
 def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force: bool = False,
           log=print) -> BenchResult:
     """Measure ``models`` (dqtool outputs), the teacher, the student and the peers; write the report.
@@ -462,12 +465,14 @@ def _measure_isolated(index: int, models: list[str], cfg: BenchConfig, peers_dir
     steal each other's cores, which made a 2-thread CTranslate2 10x slower here. A fresh
     process per target gives every runtime the machine to itself.
     """
-    import subprocess
     import sys
+
+    from dqtool.fsutil import run_child
 
     payload = json.dumps({"index": index, "models": models, "cfg": asdict(cfg), "peers_dir": str(peers_dir)})
     code = "import sys, json; from dqtool.bench import _worker; _worker(sys.stdin.read())"
-    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
+    # The worker dies with this process: a kill -9 of bench/compress leaves no worker running.
+    proc = run_child([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise DQToolError(f"measuring target {index} failed: {tail}")

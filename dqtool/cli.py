@@ -17,14 +17,25 @@ from dqtool.errors import DQToolError
 
 
 class _Group(click.Group):
-    """Click group that reports DQToolError as one line and exits 2."""
+    """Click group that reports DQToolError (and a full disk) as one line and exits 2;
+    Ctrl-C is one line (saying how to continue, where a stage knows) and exit 130."""
 
     def invoke(self, ctx):
+        from dqtool.fsutil import io_error, is_write_error
+
         try:
             return super().invoke(ctx)
         except DQToolError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            if not is_write_error(e):
+                raise
+            click.echo(f"error: {io_error(e)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"interrupted{': ' + str(e) if str(e) else ''}", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -31,8 +31,10 @@ Example recipe::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,80 @@ LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_
              "temperature")
 DISTILL_KEYS = ("encoder_layers", "decoder_layers", "layer_map", "encoder_map", "decoder_map")
 GATE_KEYS = ("min_ratio", "max_quality_drop", "max_latency_ms")
+
+
+SCHEME_TYPES = {"weight_granularity": str, "group_size": "int?", "act_clip": str, "act_asymmetric": bool,
+                "act_granularity": str, "quantize_attention": bool}
+LOSS_TYPES = {"loss_task": float, "loss_logits": float, "loss_hidden": float, "loss_attention": float,
+              "loss_enc_last": float, "logits_loss": str, "temperature": float}
+DISTILL_TYPES = {"encoder_layers": "int?", "decoder_layers": "int?", "layer_map": str, "encoder_map": "ints?",
+                 "decoder_map": "ints?"}
+GATE_TYPES = {k: "float?" for k in GATE_KEYS}
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _field_types(cls) -> dict:
+    """``{field: type spec}`` of a config dataclass, from its annotations."""
+    import typing
+
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        union = typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union))
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if union else []
+        optional = union and type(None) in typing.get_args(tp)
+        base = args[0] if args else tp
+        if typing.get_origin(base) in (tuple, list):
+            inner = typing.get_args(base)[0] if typing.get_args(base) else str
+            out[name] = ("ints" if inner is int else "strs") + ("?" if optional else "")
+        elif base in (int, float, str, bool):
+            out[name] = base if not optional else f"{base.__name__}?"
+    return out
+
+
+def _check_type(key: str, value: Any, spec) -> None:
+    """Raise a one-line error naming the recipe ``key`` when ``value`` is not of ``spec``
+    (``int``, ``float``, ``str``, ``bool``, ``"int?"`` = int or null, ``"ints?"`` = list of ints or null).
+    ``true`` is not an integer, and an integer is a number."""
+    optional = isinstance(spec, str) and spec.endswith("?")
+    if optional and value is None:
+        return
+    base = spec.rstrip("?") if isinstance(spec, str) else spec
+    base = {"int": int, "float": float, "str": str, "bool": bool}.get(base, base)
+    if base in ("ints", "strs"):
+        inner = int if base == "ints" else str
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, inner) and not isinstance(v, bool) for v in value)
+        want = f"a list of {'integers' if inner is int else 'strings'}"
+    elif base is bool:
+        ok, want = isinstance(value, bool), _NAMES[bool]
+    elif base is float:
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), _NAMES[float]
+    else:
+        ok, want = isinstance(value, base) and not isinstance(value, bool), _NAMES[base]
+    if not ok:
+        raise DQToolError(f"recipe key '{key}' must be {want}{' or null' if optional else ''}, got {value!r}")
+
+
+def _check_types(section: str, d: dict, types: dict) -> None:
+    for k, v in d.items():
+        if k in types:
+            _check_type(f"{section}.{k}", v, types[k])
+
+
+@contextlib.contextmanager
+def _section(section: str, rename: dict | None = None):
+    """A stage config's own error (worded for the CLI: ``--max-steps ...``) names the recipe
+    key instead (``recipe key 'qat.max_steps' ...``)."""
+    rename = rename or {}
+    try:
+        yield
+    except DQToolError as e:
+        def key(m):
+            flag = m.group(1).replace("-", "_")
+            return f"'{section}.{rename.get(flag, flag)}'"
+
+        text = re.sub(r"--([a-z][a-z0-9-]*)", key, str(e))
+        raise DQToolError(f"recipe key {text}" if text.startswith("'") else f"recipe section '{section}': {text}") from e
 
 
 def _allowed(cls, exclude=()) -> tuple[str, ...]:
@@ -80,7 +156,7 @@ class Recipe:
     source: dict = field(default_factory=dict)
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def load_recipe(path: str | os.PathLike, check_paths: bool = True) -> Recipe:
     """Parse and validate a recipe file (YAML or JSON).
 
     Example (needs a file, so not run as a doctest)::
@@ -95,11 +171,15 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise DQToolError(f"recipe {p} is not valid YAML ({str(e).splitlines()[0]})") from e
-    return recipe_from_dict(raw, base=p.parent)
+    return recipe_from_dict(raw, base=p.parent, check_paths=check_paths)
 
 
-def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
+def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True) -> Recipe:
     """Validate a recipe given as a dict; relative paths are taken as they are (from the cwd).
+
+    Every key, type and range is checked; with ``check_paths`` (what ``dqtool compress``
+    does) also that the data exists with the splits the stages read, and that ``work`` and
+    the teacher can be what they must be.
 
     Example:
         >>> recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "qat": {"max_step": 5}})
@@ -127,34 +207,102 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
         raise DQToolError("recipe key 'schemes' must be a list of W-E-A strings, e.g. [2-2-8, 8-8-8]")
 
     d = _check_keys("distill", top.get("distill"), DISTILL_KEYS)
-    maps = {k: tuple(int(x) for x in d[k]) if d.get(k) is not None else None for k in ("encoder_map", "decoder_map")}
-    distill = DistillConfig(encoder_layers=d.get("encoder_layers"), decoder_layers=d.get("decoder_layers"),
-                            map_scheme=d.get("layer_map", "sft"), **maps)
+    _check_types("distill", d, DISTILL_TYPES)
+    maps = {k: tuple(d[k]) if d.get(k) is not None else None for k in ("encoder_map", "decoder_map")}
+    with _section("distill", {"layer_map": "layer_map"}):
+        distill = DistillConfig(encoder_layers=d.get("encoder_layers"), decoder_layers=d.get("decoder_layers"),
+                                map_scheme=d.get("layer_map", "sft"), **maps)
 
     q = _check_keys("qat", top.get("qat"), _allowed(QATConfig, ("data", "scheme", "losses")) + SCHEME_KEYS
                     + LOSS_KEYS)
+    _check_types("qat", q, {**_field_types(QATConfig), **SCHEME_TYPES, **LOSS_TYPES})
     skw = {k: q.pop(k) for k in SCHEME_KEYS if k in q}
     lkw = {k: q.pop(k) for k in LOSS_KEYS if k in q}
-    losses = LossConfig(**{("logits_kind" if k == "logits_loss" else k.replace("loss_", "")): v
-                           for k, v in lkw.items()})
-    scheme_kw = dict(weight_granularity=skw.get("weight_granularity", "row"), weight_group_size=skw.get("group_size"),
-                     act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
-                     act_granularity=skw.get("act_granularity", "token"),
-                     quantize_attention=skw.get("quantize_attention", True))
-    qats = {}
-    for wea in schemes:
-        parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-        scheme = QuantScheme.from_wea(str(wea), **scheme_kw)
-        qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
+    qat_names = {"lr": "learning_rate", "wea": "schemes", "logits_loss": "logits_loss", "loss_task": "loss_task",
+                 "loss_logits": "loss_logits", "loss_hidden": "loss_hidden", "loss_attention": "loss_attention",
+                 "loss_enc_last": "loss_enc_last", "weight_granularity": "weight_granularity"}
+    with _section("qat", qat_names):
+        losses = LossConfig(**{("logits_kind" if k == "logits_loss" else k.replace("loss_", "")): v
+                               for k, v in lkw.items()})
+        scheme_kw = dict(weight_granularity=skw.get("weight_granularity", "row"),
+                         weight_group_size=skw.get("group_size"),
+                         act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
+                         act_granularity=skw.get("act_granularity", "token"),
+                         quantize_attention=skw.get("quantize_attention", True))
+        qats = {}
+        for wea in schemes:
+            parse_wea(str(wea), option="schemes")  # the error then names the recipe key
+            scheme = QuantScheme.from_wea(str(wea), **scheme_kw)
+            qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
 
-    convert = ConvertConfig(**_check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",))),
-                            teacher=top["teacher"])
-    export = ExportConfig(**_check_keys("export", top.get("export"), _allowed(ExportConfig)))
+    c = _check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",)))
+    _check_types("convert", c, _field_types(ConvertConfig))
+    with _section("convert"):
+        convert = ConvertConfig(**c, teacher=top["teacher"])
+    e = _check_keys("export", top.get("export"), _allowed(ExportConfig))
+    _check_types("export", e, _field_types(ExportConfig))
+    with _section("export"):
+        export = ExportConfig(**e)
     b = _check_keys("bench", top.get("bench"), _allowed(BenchConfig, ("data", "teacher", "student")))
-    bench = BenchConfig(data=top["data"], teacher=top["teacher"], student=str(Path(top["work"]) / "student"), **b)
-    gates = Gates(**_check_keys("gates", top.get("gates"), GATE_KEYS))
+    _check_types("bench", b, _field_types(BenchConfig))
+    with _section("bench"):
+        bench = BenchConfig(data=top["data"], teacher=top["teacher"], student=str(Path(top["work"]) / "student"),
+                            **{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()})
+    g = _check_keys("gates", top.get("gates"), GATE_KEYS)
+    _check_types("gates", g, GATE_TYPES)
+    gates = Gates(**g)
+    if check_paths:  # after the keys and values, so a typo is reported first
+        _check_paths(top)
+        _check_splits(top["data"], qats, bench)
     return Recipe(teacher=top["teacher"], data=top["data"], work=Path(top["work"]), distill=distill, qats=qats,
                   convert=convert, export=export, bench=bench, gates=gates, source=top)
+
+
+def _check_paths(top: dict) -> None:
+    """Paths fail before anything runs: data must exist, work must be (or become) a folder,
+    a local teacher must be a model folder."""
+    from dqtool.fsutil import check_output_path
+
+    data = Path(top["data"])
+    if not data.exists():
+        raise DQToolError(f"recipe key 'data': {data} not found (pass a folder of split files, one file, or a "
+                          f"datasets folder)")
+    work = Path(top["work"])
+    if work.exists() and not work.is_dir():
+        raise DQToolError(f"recipe key 'work': {work} is a file, not a folder; choose another path")
+    try:
+        check_output_path(work, "work folder")
+    except DQToolError as e:
+        raise DQToolError(f"recipe key 'work': {e}") from None
+    teacher = Path(top["teacher"])
+    if teacher.exists() and not (teacher / "config.json").is_file():
+        raise DQToolError(f"recipe key 'teacher': {teacher} is not a model folder (no config.json)")
+
+
+def _check_splits(data: str, qats: dict, bench) -> None:
+    """Every split a stage will read exists in the data (checked now, not after distill ran)."""
+    from dqtool.data import available_splits
+
+    from dqtool.data import _is_datasets_folder
+
+    p = Path(data)
+    if not p.is_dir() or _is_datasets_folder(p):
+        return  # one file (or a one-split datasets folder) serves every split
+    try:
+        have = set(available_splits(p))
+    except DQToolError as e:
+        raise DQToolError(f"recipe key 'data': {e}") from None
+    need = {}
+    for q in qats.values():
+        need.setdefault(q.train_split, "qat.train_split")
+        if q.eval_steps:
+            need.setdefault(q.eval_split, "qat.eval_split")
+    if bench.data:
+        need.setdefault(bench.split, "bench.split")
+    for split, key in need.items():
+        if split not in have:
+            raise DQToolError(f"recipe key '{key}': split '{split}' is not in {p} (it has "
+                              f"{', '.join(sorted(have)) or 'no split files'})")
 
 
 # --------------------------------------------------------------------------- plan
@@ -165,6 +313,7 @@ class Step:
     out: Path
     config: Any
     status: str = ""      # done | run | resume
+    note: str = ""        # why, where it is not obvious
 
 
 def _config_json(cfg) -> str:
@@ -173,10 +322,27 @@ def _config_json(cfg) -> str:
     return json.dumps(_jsonable(cfg), sort_keys=True)
 
 
-def _status(step: Step, upstream_ran: bool) -> str:
+def _status(step: Step, upstream_ran: bool, recipe: Recipe) -> str:
     from dqtool.manifest import verify_folder
+    from dqtool.qat import _last_checkpoint, resume_mismatch, run_record
 
-    if step.stage == "qat" and step.out.with_name(step.out.name + ".partial").is_dir() and not step.out.exists():
+    partial = step.out.with_name(step.out.name + ".partial")
+    if step.stage == "qat" and partial.is_dir() and not step.out.exists():
+        # Continue an interrupted QAT only when it was started with this very setup; a changed
+        # recipe (or a re-made student) trains from scratch, as for any other changed stage.
+        if upstream_ran:
+            step.note = "the student is made again, so the interrupted QAT run starts over"
+            return "run"
+        if _last_checkpoint(partial) is None:
+            step.note = "the interrupted QAT run has no complete checkpoint: it starts over"
+            return "run"
+        try:
+            diff = resume_mismatch(partial, run_record(recipe.work / "student", recipe.teacher, step.config))
+        except DQToolError as e:
+            diff = f"its inputs cannot be read ({e})"
+        if diff:
+            step.note = f"the recipe changed since the interrupted QAT run ({diff}): it starts over"
+            return "run"
         return "resume"
     if not step.out.exists() or upstream_ran:
         return "run"
@@ -201,7 +367,7 @@ def plan(recipe: Recipe) -> list[Step]:
         upstream = ran_distill if s.stage == "qat" else (ran_branch if s.stage in ("convert", "export") else False)
         if s.stage == "bench":
             upstream = any(x.status != "done" for x in steps if x.stage != "bench")
-        s.status = _status(s, upstream)
+        s.status = _status(s, upstream, recipe)
         if s.stage == "distill":
             ran_distill = s.status != "done"
         elif s.stage == "qat":
@@ -213,7 +379,7 @@ def plan(recipe: Recipe) -> list[Step]:
 
 def describe(steps: list[Step]) -> str:
     """The plan as text, one line per stage."""
-    return "\n".join(f"  {s.status:<6} {s.stage:<8} -> {s.out}" for s in steps)
+    return "\n".join(f"  {s.status:<6} {s.stage:<8} -> {s.out}" + (f"  ({s.note})" if s.note else "") for s in steps)
 
 
 # --------------------------------------------------------------------------- run
@@ -236,6 +402,17 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
     Example (needs real folders, so not run as a doctest)::
         r = compress(load_recipe("recipes/demo.yaml")); r.ok
     """
+    from dqtool.fsutil import output_lock
+
+    if dry_run:
+        steps = plan(recipe)
+        log("plan:\n" + describe(steps))
+        return CompressResult(steps, None, [])
+    with output_lock(recipe.work):   # one compress per work folder; the second one says who holds it
+        return _compress(recipe, gates, force, log)
+
+
+def _compress(recipe: Recipe, gates, force: bool, log) -> CompressResult:
     from dqtool.bench import bench, check_gates
     from dqtool.convert import convert
     from dqtool.distill import distill
@@ -247,8 +424,6 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
         for s in steps:
             s.status = "run"
     log("plan:\n" + describe(steps))
-    if dry_run:
-        return CompressResult(steps, None, [])
     student = recipe.work / "student"
     for s in steps:
         if s.status == "done":

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from dqtool.errors import DQToolError
+from dqtool.fsutil import locked
 from dqtool.manifest import atomic_output, check_output, read_manifest, verify_folder, write_manifest
 
 PACKED_FILE = "packed.safetensors"
@@ -177,6 +178,7 @@ def is_packed_folder(folder: str | os.PathLike) -> bool:
     return (Path(folder) / LAYOUT_FILE).is_file()
 
 
+@locked("out_dir")
 def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ConvertConfig | None = None,
             force: bool = False) -> ConvertResult:
     """Pack the QAT student in ``qat_dir`` into ``out_dir``.

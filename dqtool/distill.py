@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dqtool.errors import DQToolError
+from dqtool.fsutil import locked
 from dqtool.layermap import SCHEMES, check_map, default_map
 from dqtool.loading import describe_source, load_config, load_seq2seq
 from dqtool.manifest import atomic_output, check_output, write_manifest
@@ -137,6 +138,7 @@ def _count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@locked("out_dir")
 def distill(teacher: str | os.PathLike, out_dir: str | os.PathLike, cfg: DistillConfig,
             force: bool = False) -> DistillResult:
     """Build a layer-copied student of ``teacher`` in ``out_dir``.

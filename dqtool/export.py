@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dqtool.errors import DQToolError
+from dqtool.fsutil import locked
 from dqtool.manifest import atomic_output, check_output, verify_folder, write_manifest
 from dqtool.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block
 from dqtool.ort_runtime import ENCODER_FILE, session_options  # the file names the runtime loads
@@ -398,6 +399,7 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
 
 # --------------------------------------------------------------------------- stage
 
+@locked("out_dir")
 def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ExportConfig | None = None,
            force: bool = False) -> ExportResult:
     """Export the packed folder ``packed_dir`` to an ONNX folder ``out_dir``.

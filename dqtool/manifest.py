@@ -146,7 +146,9 @@ def check_output(out_dir: str | os.PathLike, force: bool = False) -> Path:
         ...
         dqtool.errors.DQToolError: output folder ... already exists: choose another path or pass --force to replace it
     """
-    out = Path(out_dir)
+    from dqtool.fsutil import check_output_path
+
+    out = check_output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise DQToolError(f"output path {out} exists and is not a folder: choose another path")
     if out.exists() and not force:
@@ -155,12 +157,14 @@ def check_output(out_dir: str | os.PathLike, force: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output(out_dir: str | os.PathLike, force: bool = False, hint: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out_dir`` only if the block succeeds.
 
     An existing ``out_dir`` is an error unless ``force``; with ``force`` it is replaced
     only after the new output is complete. On any exception the temporary folder is
-    removed, so no half-written output ever sits at ``out_dir``.
+    removed, so no half-written output ever sits at ``out_dir``. A full disk (or another
+    write error) becomes one :class:`DQToolError` line naming the path. The temp folder's
+    name carries this process's PID, so a later run can remove it if this one is killed.
 
     Example:
         >>> root = Path(tempfile.mkdtemp())
@@ -169,9 +173,15 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[P
         >>> (root / "out" / "f.txt").read_text()
         'done'
     """
+    from dqtool.fsutil import apply_umask, folder_bytes, io_error, is_write_error, temp_prefix
+
     out = check_output(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+        apply_umask(tmp, folder=True)  # mkdtemp makes 0700; the output follows the umask
+    except OSError as e:
+        raise io_error(e, out.parent) from e
     try:
         yield tmp
         if out.exists():
@@ -181,6 +191,14 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[P
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as e:
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_error(e):
+            raise
+        raise io_error(e, out, hint=f"the output needs more than the {written:,} bytes written before the "
+                                    f"error, which were removed ({out} was not created or changed); "
+                                    + (hint or "run the command again")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from dqtool.errors import DQToolError
+from dqtool.fsutil import locked
 from dqtool.losses import LossConfig, distill_losses
 from dqtool.manifest import atomic_output, check_output, hash_folder, read_manifest, sha256_file, write_manifest
 from dqtool.qmodules import ATTN_IMPL, prepare, quantizer_state, strip_quantizer_state
@@ -39,6 +40,8 @@ from dqtool.registry import num_layers, spec_for
 from dqtool.scheme import QuantScheme
 
 SCHEME_FILE = "quantization.json"
+RUN_FILE = "dqtool-run.json"      # in OUT.partial/: what the interrupted run was started with
+LOSS_FILE = "dqtool-loss.json"    # in each checkpoint: the sum of the step losses so far
 QSTATE_FILE = "quantizers.safetensors"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TARGETS = ("data", "teacher")
@@ -89,8 +92,8 @@ class QATConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "eval_samples", "eval_beams",
                      "source_max_length", "target_max_length", "logging_steps", "eval_max_length"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise DQToolError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DQToolError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {v!r}")
         if self.eval_steps is not None and (self.eval_steps < 1 or self.save_steps % self.eval_steps):
             raise DQToolError(f"--eval-steps {self.eval_steps} must be >= 1 and divide --save-steps "
                               f"{self.save_steps} (best-checkpoint selection needs an evaluation at every save)")
@@ -281,6 +284,44 @@ def _make_trainer_class():
                 logs.update({f"loss_{k}": round(v, 6) for k, v in self.last_terms.items() if k != "total"})
             super().log(logs, *args, **kwargs)
 
+        # The Trainer's train_loss divides the losses of *this process* by the global step,
+        # so after a resume it is wrong (0.0 when resuming at the last step). dqtool keeps
+        # the sum of every step's loss in each checkpoint (LOSS_FILE) and adds it back.
+        loss_sum_before = 0.0
+        _loss_sum = None
+
+        def training_step(self, *a, **kw):
+            loss = super().training_step(*a, **kw)
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            return loss
+
+        def loss_sum(self) -> float:
+            return self.loss_sum_before + (float(self._loss_sum) if self._loss_sum is not None else 0.0)
+
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / LOSS_FILE).write_text(json.dumps({"loss_sum": self.loss_sum(),
+                                                            "step": self.state.global_step}))
+                super()._save_checkpoint(model, trial)   # trainer_state.json last: the completeness mark
+            except OSError as e:
+                from dqtool.fsutil import io_error, is_write_error
+
+                if not is_write_error(e):
+                    raise
+                shutil.rmtree(folder, ignore_errors=True)   # an incomplete checkpoint is useless
+                work = Path(self.args.output_dir)
+                if _last_checkpoint(work) is not None:
+                    hint = (f"the complete checkpoints in {work} stay: free space and run again with --resume "
+                            f"to continue from {Path(_last_checkpoint(work)).name}")
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
+                    hint = f"no checkpoint was complete, {work} was removed: free space and run the command again"
+                raise io_error(e, folder, hint=hint) from e
+
     class StepSleep(TrainerCallback):
         """Debug throttle (env DQTOOL_DEBUG_STEP_SLEEP seconds per step): lets tests kill a run mid-way."""
 
@@ -350,6 +391,7 @@ def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok
     return changed
 
 
+@locked("out_dir")
 def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, teacher: str | None = None,
         force: bool = False, resume: bool = False, progress: bool = True,
         cache_dir: str | os.PathLike | None = None) -> QATResult:
@@ -369,18 +411,28 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
     work = out.with_name(out.name + ".partial")
     checkpoint = _last_checkpoint(work)
     if work.exists() and not resume and not force:
+        if checkpoint is None:
+            raise DQToolError(f"{work} holds an interrupted run with no complete checkpoint: pass --force to "
+                              f"start over")
         raise DQToolError(f"{work} holds an interrupted run: pass --resume to continue it or --force to start over")
     if resume and checkpoint is None:
         raise DQToolError(f"--resume given but {work} has no checkpoint: run without --resume")
-    if work.exists() and not resume:
-        shutil.rmtree(work)
     student_dir = Path(student)
     teacher_src = _teacher_source(student_dir, teacher)
+    record = run_record(student_dir, teacher_src, cfg)
+    if resume:
+        diff = resume_mismatch(work, record)
+        if diff:
+            raise DQToolError(f"{work} was started with a different setup, {diff}: resume with the options it was "
+                              f"started with, or pass --force to start over")
+    elif work.exists():
+        shutil.rmtree(work)
 
     set_seed(cfg.seed)
     model, tok = load_seq2seq(student_dir)
     if tok is None:
         raise DQToolError(f"{student_dir} has no tokenizer files: save the tokenizer with the model")
+    cfg_used = _cap_lengths(cfg, model, student_dir)
     t_model = None
     if cfg.losses.needs_teacher or cfg.targets == "teacher":
         t_model, _ = load_seq2seq(teacher_src)
@@ -392,11 +444,11 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         model.config._attn_implementation = "eager"
     prepare(model, cfg.scheme)
 
-    train_ds = _tokenized(cfg, tok, cfg.train_split, cfg.max_train_samples)
-    eval_ds = _tokenized(cfg, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
+    train_ds = _tokenized(cfg_used, tok, cfg.train_split, cfg.max_train_samples)
+    eval_ds = _tokenized(cfg_used, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
     relabelled = None
     if cfg.targets == "teacher":
-        relabelled = _cached_teacher_targets(t_model, train_ds, cfg, tok, teacher_src,
+        relabelled = _cached_teacher_targets(t_model, train_ds, cfg_used, tok, teacher_src,
                                              Path(cache_dir) if cache_dir is not None else None)
         if not cfg.losses.needs_teacher:
             t_model = None  # only its outputs were needed
@@ -422,7 +474,7 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         eval_strategy="steps" if do_eval else "no", eval_steps=cfg.eval_steps,
         load_best_model_at_end=do_eval, metric_for_best_model="rougeL" if do_eval else None,
         greater_is_better=True if do_eval else None,
-        predict_with_generate=True, generation_max_length=cfg.eval_max_length, generation_num_beams=cfg.eval_beams,
+        predict_with_generate=True, generation_max_length=cfg_used.eval_max_length, generation_num_beams=cfg.eval_beams,
         report_to=[], disable_tqdm=not progress, dataloader_num_workers=0, save_safetensors=True,
         remove_unused_columns=False, **_precision(cfg))
     DistillTrainer, StepSleep = _make_trainer_class()
@@ -434,11 +486,32 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         data_collator=DataCollatorForSeq2Seq(tok, model=None, label_pad_token_id=-100),
         processing_class=tok, compute_metrics=compute_metrics if do_eval else None, callbacks=callbacks,
         teacher=t_model, loss_cfg=cfg.losses, maps=maps)
+    if not resume:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    else:
+        loss_file = Path(checkpoint) / LOSS_FILE
+        if loss_file.is_file():
+            trainer.loss_sum_before = float(json.loads(loss_file.read_text())["loss_sum"])
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint if resume else None)
+    except KeyboardInterrupt:
+        done = _last_checkpoint(work)
+        raise KeyboardInterrupt(
+            f"{out}: training stopped; " + (f"continue from {Path(done).name} with the same command and --resume"
+                                            if done else "no checkpoint was saved yet: run again with --force")
+        ) from None
+    except Exception as e:
+        if resume and _is_unreadable(e):
+            raise DQToolError(f"checkpoint {checkpoint} is unreadable ({_first_line(e)}): delete that folder to "
+                              f"resume from an earlier checkpoint, or pass --force to start over") from e
+        raise
     seconds = time.time() - t0
+    _fix_train_loss(trainer)
 
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, hint=f"the checkpoints in {work} stay: free space and run again with "
+                                              f"--resume to write {out} without training again") as tmp:
         _save_qat(model, tok, tmp, cfg.scheme)
         log = trainer.state.log_history
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
@@ -451,14 +524,113 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
                        extra={"layer_map": maps, "scheme": cfg.scheme.to_dict(), "wea": cfg.scheme.wea,
                               "steps": trainer.state.global_step, "seconds": round(seconds, 1),
                               "best_metric": best, "resumed_from": checkpoint if resume else None,
-                              "teacher_relabelled_rows": relabelled})
+                              "teacher_relabelled_rows": relabelled,
+                              "lengths_used": {k: getattr(cfg_used, k) for k in
+                                               ("source_max_length", "target_max_length", "eval_max_length")}})
     shutil.rmtree(work, ignore_errors=True)
     return QATResult(out, trainer.state.global_step, seconds, best, final)
+
+
+def run_record(student_dir: Path, teacher_src: str, cfg: QATConfig) -> dict:
+    """What a QAT run is started with: its whole config and its inputs (student and teacher
+    weight hashes, data file hashes). Kept in ``OUT.partial/`` and compared on resume."""
+    from dqtool.loading import describe_source
+    from dqtool.manifest import _jsonable
+
+    def weights(src):
+        d = describe_source(src)
+        return d.get("weights_sha256") or d.get("id")
+
+    return {"config": _jsonable(cfg), "student": weights(student_dir), "teacher": weights(teacher_src),
+            "data": _describe_data(cfg)["sha256"]}
+
+
+def _flat(d, prefix=""):
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def resume_mismatch(work: Path, record: dict) -> str:
+    """'' when the interrupted run in ``work`` was started with ``record``; else the fields
+    that differ, e.g. ``scheme.wea ("2-2-8" -> "4-4-8"), learning_rate (0.0005 -> 0.001)``."""
+    path = Path(work) / RUN_FILE
+    if not path.is_file():
+        return f"unknown ({path} is missing, so the run cannot be checked)"
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return f"unknown ({path} is not valid JSON)"
+    a, b = _flat({k: old.get(k) for k in record}), _flat(json.loads(json.dumps(record, default=str)))
+    names = {"student": "student weights", "teacher": "teacher weights", "data": "data files"}
+    diffs = []
+    for key in sorted(set(a) | set(b), key=lambda k: (k.split(".")[0] != "config", k)):
+        if a.get(key) != b.get(key):
+            top = key.split(".")[0]
+            if top in names:
+                if names[top] not in diffs:
+                    diffs.append(names[top])
+                continue
+            diffs.append(f"{key.removeprefix('config.')} ({_short(a.get(key))} -> {_short(b.get(key))})")
+    return ", ".join(diffs)
+
+
+def _cap_lengths(cfg: QATConfig, model, where) -> QATConfig:
+    """Token lengths above the model's position table would be an IndexError mid-step:
+    cap them at the table, with a note."""
+    from dqtool.evaluate import position_limit
+
+    limit = position_limit(model)
+    if limit is None:
+        return cfg
+    over = {k: limit for k in ("source_max_length", "target_max_length", "eval_max_length") if getattr(cfg, k) > limit}
+    for k in over:
+        print(f"note: --{k.replace('_', '-')} {getattr(cfg, k)} is more than the {limit} positions of {where}; "
+              f"using {limit}")
+    return dataclasses.replace(cfg, **over) if over else cfg
+
+
+def _is_unreadable(e: BaseException) -> bool:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(e, (pickle.UnpicklingError, EOFError, SafetensorError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("PytorchStreamReader", "zip archive", "pickle"))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _fix_train_loss(trainer) -> None:
+    """The mean loss over every step of the run, including those before a resume."""
+    steps = trainer.state.global_step
+    if not steps:
+        return
+    mean = trainer.loss_sum() / steps
+    for entry in reversed(trainer.state.log_history):
+        if "train_loss" in entry:
+            entry["train_loss"] = mean
+            break
 
 
 def _describe_data(cfg: QATConfig) -> dict:
     # hash_folder keys by relative path, so nested datasets files cannot collide by name.
     p = Path(cfg.data)
+    if not p.exists():
+        raise DQToolError(f"data {p} not found: pass a folder of split files, one file, or a datasets folder")
     hashes = hash_folder(p, exclude=()) if p.is_dir() else {p.name: sha256_file(p)}
     return {"path": str(p.resolve()), "sha256": hashes}
 
