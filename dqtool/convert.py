@@ -123,6 +123,26 @@ def fp32_bytes(source: str | os.PathLike) -> int | None:
     return total
 
 
+def sort_safetensors_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors header with its keys in sorted order, in place.
+
+    safetensors writes ``__metadata__`` from a Rust HashMap, whose order changes from one
+    process to the next, so identical conversions gave different bytes (and hashes).
+    Sorting keeps the header's length (same keys and values), so the data offsets stay.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        doc = ({"__metadata__": dict(sorted(meta.items()))} if meta else {})
+        doc.update(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]))
+        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > n:
+            raise AssertionError(f"sorted header of {path} grew from {n} to {len(text)} bytes")
+        f.seek(8)
+        f.write(text + b" " * (n - len(text)))
+
+
 # --------------------------------------------------------------------------- check
 
 def _check_inputs(config, cfg: ConvertConfig) -> torch.Tensor:
@@ -217,6 +237,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     with atomic_output(out, force=force) as tmp:
         save_file({**packed, **{k: v.contiguous() for k, v in stored.items()}}, str(tmp / PACKED_FILE),
                   metadata={"format": "dqtool-packed", "format_version": str(FORMAT_VERSION)})
+        sort_safetensors_header(tmp / PACKED_FILE)
         doc = {"format": "dqtool-packed", "format_version": FORMAT_VERSION, "architecture": spec.name,
                "scheme": scheme.to_dict(), "wea": scheme.wea, "float_dtype": fdtype,
                "scale_dtype": str(next((t.dtype for k, t in packed.items() if k.endswith(".scale")), "none")),

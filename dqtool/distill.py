@@ -157,6 +157,9 @@ def distill(teacher: str | os.PathLike, out_dir: str | os.PathLike, cfg: Distill
     maps = resolve_maps(t_config, spec, cfg)
     model, tokenizer = load_seq2seq(teacher)
     s_config = student_config(model.config, spec, maps)
+    # A teacher's auto_map points at modelling code files the student folder does not get
+    # (dqtool never runs remote code): a student keeping it would name files it lacks.
+    s_config.__dict__.pop("auto_map", None)
     student = AutoModelForSeq2SeqLM.from_config(s_config, torch_dtype=model.dtype)
     copy_weights(model, student, spec, maps)
     student.generation_config = copy.deepcopy(model.generation_config)

@@ -313,20 +313,50 @@ def _check_out_path(out_path: str | os.PathLike | None) -> Path | None:
     out = Path(out_path)
     if out.is_dir():
         raise DQToolError(f"--out {out} is a folder: pass a file path such as {out / 'eval.json'}")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise DQToolError(f"--out {out}: {out.parent} is a file, not a folder; choose another path")
+    if out.is_symlink() and not out.exists():
+        raise DQToolError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist: remove the link or "
+                          f"choose another path")
+    from dqtool.fsutil import check_output_path, io_error
+
+    check_output_path(out, "--out")
+    # Can a file be written there at all (permissions, read-only or full disk)? Found out now,
+    # not after the generation.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise io_error(e, out, hint="nothing was generated") from e
     return out
 
 
 def _write_json_atomic(out: Path, payload: dict) -> None:
     # A temp file in the same folder, then os.replace: readers never see half a file.
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    from dqtool.fsutil import apply_umask, io_error, is_write_error
+
+    text = json.dumps(payload, indent=1, ensure_ascii=False) + "\n"
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise io_error(e, out) from e
+    try:
+        apply_umask(tmp, folder=False)  # mkstemp makes 0600; the JSON follows the umask like any file
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, out)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if not is_write_error(e):
+            raise
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in (payload.get("metrics") or {}).items())
+        raise io_error(e, out, needed=len(text.encode()),
+                       hint=f"{out} was not written" + (f" (scores: {scores})" if scores else "")) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

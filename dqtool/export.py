@@ -118,11 +118,19 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
     per_token_weights = sum(m.in_features * m.out_features for n, m in model.named_modules()
                             if isinstance(m, PackedLinear) and runs_per_token(n, arch))
     memory_bound = per_token_weights >= cfg.nbits_min_weights
+    # Every unsupported bit width at once (a 3-3-8 scheme names its weights and embeddings).
+    bad = {}
+    for mod in model.modules():
+        if isinstance(mod, PackedEmbedding) and mod.spec.bits not in NBITS_BITS:
+            bad.setdefault("E", f"{mod.spec.bits}-bit embeddings")
+        elif isinstance(mod, PackedLinear) and mod.spec.bits not in NBITS_BITS:
+            bad.setdefault("W", f"{mod.spec.bits}-bit weights")
+    if bad:
+        raise DQToolError(f"{' and '.join(bad[k] for k in sorted(bad, reverse=True))} cannot be exported (the ONNX "
+                          f"graphs unpack 2, 4 or 8 bits per code; MatMulNBits runs 2, 4 and 8 bits): choose "
+                          f"{' and '.join(sorted(bad, reverse=True))} bits 2, 4 or 8")
     plans = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, PackedEmbedding) and mod.spec.bits not in NBITS_BITS:
-            raise DQToolError(f"{mod.spec.bits}-bit embeddings cannot be exported (the ONNX graphs unpack 2, 4 or "
-                              f"8 bits per code): choose E bits 2, 4 or 8")
         if not isinstance(mod, PackedLinear):
             continue  # float Linears (a W 'none' scheme, or the lm_head tied to a float embedding) stay float
         spec = mod.spec

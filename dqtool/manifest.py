@@ -196,8 +196,11 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False, hint: str | N
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_write_error(e):
             raise
-        raise io_error(e, out, hint=f"the output needs more than the {written:,} bytes written before the "
-                                    f"error, which were removed ({out} was not created or changed); "
+        if e.filename and str(e.filename).startswith(str(tmp)):   # name the output, not the temp folder
+            e.filename = str(out) + str(e.filename)[len(str(tmp)):]
+        done = (f"the output needs more than the {written:,} bytes written before the error, which were removed; "
+                if written else "")
+        raise io_error(e, out, hint=f"{done}{out} was not created or changed; "
                                     + (hint or "run the command again")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -222,7 +222,11 @@ class OnnxSeq2Seq:
             try:
                 return ort.InferenceSession(str(p / name), sess_options=so, providers=providers)
             except Exception as e:  # onnxruntime raises its own (unexported) exception types
-                raise DQToolError(f"ONNX Runtime cannot load {p / name}: {e}; re-export the folder") from e
+                # ORT's messages run over several lines ("[ONNXRuntimeError] : 1 : FAIL : ...\n..."): keep one.
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                reason = " ".join(lines)[:300] if lines else type(e).__name__
+                raise DQToolError(f"ONNX Runtime cannot load {p / name} ({reason}): the folder is truncated or "
+                                  f"damaged; re-export it") from e
 
         encoder = session(ENCODER_FILE)
         if has_merged and (decoder == "merged" or not (p / WITH_PAST_FILE).is_file() or not has_pair):
