@@ -434,12 +434,35 @@ def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force
     for m in models:
         if not Path(m).is_dir():
             raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained")
+    _check_positions([*models, cfg.teacher, cfg.student], cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         return _bench(models, out, cfg, force, log)
     finally:
         torch.set_num_threads(threads_before)  # a library call leaves the process as it found it
+
+
+def _check_positions(folders: list, cfg: BenchConfig) -> None:
+    """Latency inputs longer than a model's position table would fail mid-measurement (an
+    IndexError in a worker): refused before anything is measured."""
+    for f in folders:
+        cfg_file = Path(f) / "config.json" if f else None
+        if cfg_file is None or not cfg_file.is_file():
+            continue
+        try:
+            conf = json.loads(cfg_file.read_text())
+        except ValueError:
+            continue  # loading it says what is wrong
+        if conf.get("model_type") in ("t5", "mt5", "umt5", "longt5"):
+            continue  # relative positions: no table
+        limit = conf.get("max_position_embeddings")
+        if isinstance(limit, int):
+            for opt, n in (("--source-tokens", cfg.source_tokens), ("--new-tokens", cfg.new_tokens + 1)):
+                if n > limit:
+                    raise DQToolError(f"{opt} {n if opt == '--source-tokens' else n - 1} is more than the {limit} "
+                                      f"positions of {f}: pass {opt} {limit if opt == '--source-tokens' else limit - 1}"
+                                      f" or less")
 
 
 def _targets(models: list[str], cfg: BenchConfig, peers_dir: Path, log=print) -> list[Target]:

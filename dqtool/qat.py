@@ -92,8 +92,10 @@ class QATConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "eval_samples", "eval_beams",
                      "source_max_length", "target_max_length", "logging_steps", "eval_max_length"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise DQToolError(f"--{name.replace('_', '-')} must be an integer of at least 1, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool):   # True is not a step count
+                raise DQToolError(f"--{name.replace('_', '-')} must be an integer, got {v!r}")
+            if v < 1:
+                raise DQToolError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
         if self.eval_steps is not None and (self.eval_steps < 1 or self.save_steps % self.eval_steps):
             raise DQToolError(f"--eval-steps {self.eval_steps} must be >= 1 and divide --save-steps "
                               f"{self.save_steps} (best-checkpoint selection needs an evaluation at every save)")
