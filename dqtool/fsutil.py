@@ -94,6 +94,8 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         >>> with output_lock(root / "out"):
         ...     (root / ".out.lock").is_file()
         True
+        >>> (root / ".out.lock").exists()   # removed when released
+        False
     """
     import fcntl
 
@@ -104,17 +106,27 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         yield lock
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise DQToolError(f"{out} is in use by dqtool process {holder} (lock {lock}): wait for it to finish or "
+                              f"stop it, then run again") from None
+        # The holder before us removes the lock file when it is done: if the file we locked
+        # is no longer the one at that path, lock the new one instead.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         os.close(fd)
-        raise DQToolError(f"{out} is in use by dqtool process {holder} (lock {lock}): wait for it to finish or stop "
-                          f"it, then run again") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _HELD[key] = fd
@@ -123,8 +135,9 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
         yield lock
     finally:
         del _HELD[key]
-        os.ftruncate(fd, 0)
-        os.close(fd)  # closing releases the flock
+        with contextlib.suppress(OSError):
+            lock.unlink()   # still holding the lock: no one else can be using this file
+        os.close(fd)        # closing releases the flock
 
 
 def locked(arg: str = "out_dir"):

@@ -211,7 +211,7 @@ def run_phase(model, tok, ds, steps, recipe, seed, collator, guard) -> Seq2SeqTr
                           processing_class=tok, callbacks=[guard])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train a BART teacher from scratch (demo: 2600 steps, ~4.5 min on "
                                              "2 CPU cores).")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
@@ -233,7 +233,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--copy-steps", type=int)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.size])
