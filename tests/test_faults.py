@@ -562,6 +562,27 @@ def test_truncated_weights_are_one_line_through_each_command(env, ref_qat, packe
     assert not out.exists()
 
 
+def _flip(folder: Path, name: str) -> None:
+    f = folder / name
+    data = bytearray(f.read_bytes())
+    data[len(data) - 7] ^= 0x10      # in the tensor data, not the header: the file still parses
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind,command", [("packed", "export"), ("packed", "eval"), ("onnx", "eval")])
+def test_flipped_byte_is_refused_through_each_command(env, packed, onnx_dir, tmp_path, kind, command):
+    root, data, _ = env
+    src, weights = {"packed": (packed, "packed.safetensors"), "onnx": (onnx_dir, "weights.onnx_data")}[kind]
+    bad = tmp_path / kind
+    shutil.copytree(src, bad)
+    _flip(bad, weights)
+    out = tmp_path / "out"
+    args = {"export": ["export", str(bad), str(out)],
+            "eval": ["eval", str(bad), "--data", str(data), "--split", "test", "--max-length", "4"]}[command]
+    one_line_error(CliRunner().invoke(main, args), "does not match its hash")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("kind,command", [("packed", "export"), ("packed", "eval")])
 def test_missing_manifest_is_one_line(env, packed, tmp_path, kind, command):
     root, data, _ = env
