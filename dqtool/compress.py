@@ -39,13 +39,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dqtool.errors import DQToolError
+from dqtool.base.config_error import ConfigError
+from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
                "quantize_attention")
-LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_enc_last", "logits_loss",
-             "temperature")
+# Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
+# fields under the names the CLI flags use (so a recipe reads like the command line).
+SCHEME_FIELDS = {"weight_granularity": "weight_granularity", "group_size": "weight_group_size",
+                 "act_clip": "act_clip", "act_granularity": "act_granularity",
+                 "quantize_attention": "quantize_attention"}  # act_asymmetric: the negation of act_symmetric
+LOSS_FIELDS = {"loss_task": "task", "loss_logits": "logits", "loss_hidden": "hidden", "loss_attention": "attention",
+               "loss_enc_last": "enc_last", "logits_loss": "logits_kind", "temperature": "temperature"}
+LOSS_KEYS = tuple(LOSS_FIELDS)
+# Config fields whose recipe key differs: field -> key, per section.
+RECIPE_KEYS = {"qat": {**{f: k for k, f in SCHEME_FIELDS.items()}, **{f: k for k, f in LOSS_FIELDS.items()},
+                       "act_symmetric": "act_asymmetric"},
+               "distill": {"map_scheme": "layer_map"}}
 DISTILL_KEYS = ("encoder_layers", "decoder_layers", "layer_map", "encoder_map", "decoder_map")
 GATE_KEYS = ("min_ratio", "max_quality_drop", "max_latency_ms")
 
@@ -108,20 +119,13 @@ def _check_types(section: str, d: dict, types: dict) -> None:
             _check_type(f"{section}.{k}", v, types[k])
 
 
-@contextlib.contextmanager
-def _section(section: str, rename: dict | None = None):
-    """A stage config's own error (worded for the CLI: ``--max-steps ...``) names the recipe
-    key instead (``recipe key 'qat.max_steps' ...``)."""
-    rename = rename or {}
+def _section(section: str, build):
+    """``build()``, its config errors naming the recipe key (``bench.runs``), not the CLI flag."""
     try:
-        yield
-    except DQToolError as e:
-        def key(m):
-            flag = m.group(1).replace("-", "_")
-            return f"'{section}.{rename.get(flag, flag)}'"
-
-        text = re.sub(r"--([a-z][a-z0-9-]*)", key, str(e))
-        raise DQToolError(f"recipe key {text}" if text.startswith("'") else f"recipe section '{section}': {text}") from e
+        return build()
+    except ConfigError as e:
+        keys = RECIPE_KEYS.get(section, {})
+        raise e.named(lambda f: f"{section}.{keys.get(f, f)}") from None
 
 
 def _allowed(cls, exclude=()) -> tuple[str, ...]:
@@ -185,16 +189,16 @@ def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True)
         >>> recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "qat": {"max_step": 5}})
         Traceback (most recent call last):
         ...
-        dqtool.errors.DQToolError: recipe key 'qat.max_step' is unknown: allowed keys in 'qat' are ...
+        dqtool.base.errors.DQToolError: recipe key 'qat.max_step' is unknown: allowed keys in 'qat' are ...
     """
-    from dqtool.bench import BenchConfig, Gates
-    from dqtool.convert import ConvertConfig
-    from dqtool.distill import DistillConfig
-    from dqtool.export import ExportConfig
-    from dqtool.losses import LossConfig
-    from dqtool.qat import QATConfig
-    from dqtool.quant import parse_wea
-    from dqtool.scheme import QuantScheme
+    from dqtool.stages.bench.stage import BenchConfig, Gates
+    from dqtool.stages.convert import ConvertConfig
+    from dqtool.stages.distill import DistillConfig
+    from dqtool.stages.export import ExportConfig
+    from dqtool.model.losses import LossConfig
+    from dqtool.stages.qat import QATConfig
+    from dqtool.qmath.quant import parse_wea
+    from dqtool.qmath.scheme import QuantScheme
 
     top = _check_keys("recipe", raw, TOP_KEYS)
     for key in ("teacher", "data", "work"):
@@ -208,46 +212,37 @@ def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True)
 
     d = _check_keys("distill", top.get("distill"), DISTILL_KEYS)
     _check_types("distill", d, DISTILL_TYPES)
-    maps = {k: tuple(d[k]) if d.get(k) is not None else None for k in ("encoder_map", "decoder_map")}
-    with _section("distill", {"layer_map": "layer_map"}):
-        distill = DistillConfig(encoder_layers=d.get("encoder_layers"), decoder_layers=d.get("decoder_layers"),
-                                map_scheme=d.get("layer_map", "sft"), **maps)
+    maps = {k: tuple(int(x) for x in d[k]) if d.get(k) is not None else None for k in ("encoder_map", "decoder_map")}
+    dkw = {"map_scheme": d["layer_map"]} if "layer_map" in d else {}
+    distill = _section("distill", lambda: DistillConfig(encoder_layers=d.get("encoder_layers"),
+                                                        decoder_layers=d.get("decoder_layers"), **dkw, **maps))
 
     q = _check_keys("qat", top.get("qat"), _allowed(QATConfig, ("data", "scheme", "losses")) + SCHEME_KEYS
                     + LOSS_KEYS)
     _check_types("qat", q, {**_field_types(QATConfig), **SCHEME_TYPES, **LOSS_TYPES})
     skw = {k: q.pop(k) for k in SCHEME_KEYS if k in q}
     lkw = {k: q.pop(k) for k in LOSS_KEYS if k in q}
-    qat_names = {"lr": "learning_rate", "wea": "schemes", "logits_loss": "logits_loss", "loss_task": "loss_task",
-                 "loss_logits": "loss_logits", "loss_hidden": "loss_hidden", "loss_attention": "loss_attention",
-                 "loss_enc_last": "loss_enc_last", "weight_granularity": "weight_granularity"}
-    with _section("qat", qat_names):
-        losses = LossConfig(**{("logits_kind" if k == "logits_loss" else k.replace("loss_", "")): v
-                               for k, v in lkw.items()})
-        scheme_kw = dict(weight_granularity=skw.get("weight_granularity", "row"),
-                         weight_group_size=skw.get("group_size"),
-                         act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
-                         act_granularity=skw.get("act_granularity", "token"),
-                         quantize_attention=skw.get("quantize_attention", True))
-        qats = {}
-        for wea in schemes:
-            parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-            scheme = QuantScheme.from_wea(str(wea), **scheme_kw)
-            qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
+    losses = _section("qat", lambda: LossConfig(**{LOSS_FIELDS[k]: v for k, v in lkw.items()}))
+    # Only what the recipe sets: every other field keeps QuantScheme's default.
+    scheme_kw = {SCHEME_FIELDS[k]: v for k, v in skw.items() if k in SCHEME_FIELDS}
+    if "act_asymmetric" in skw:
+        scheme_kw["act_symmetric"] = not skw["act_asymmetric"]
+    qats = {}
+    for wea in schemes:
+        parse_wea(str(wea), option="schemes")  # the error then names the recipe key
+        scheme = _section("qat", lambda: QuantScheme.from_wea(str(wea), **scheme_kw))
+        qats[scheme.wea] = _section("qat", lambda: QATConfig(data=top["data"], scheme=scheme, losses=losses, **q))
 
     c = _check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",)))
     _check_types("convert", c, _field_types(ConvertConfig))
-    with _section("convert"):
-        convert = ConvertConfig(**c, teacher=top["teacher"])
+    convert = _section("convert", lambda: ConvertConfig(**c, teacher=top["teacher"]))
     e = _check_keys("export", top.get("export"), _allowed(ExportConfig))
     _check_types("export", e, _field_types(ExportConfig))
-    with _section("export"):
-        export = ExportConfig(**e)
+    export = _section("export", lambda: ExportConfig(**e))
     b = _check_keys("bench", top.get("bench"), _allowed(BenchConfig, ("data", "teacher", "student")))
     _check_types("bench", b, _field_types(BenchConfig))
-    with _section("bench"):
-        bench = BenchConfig(data=top["data"], teacher=top["teacher"], student=str(Path(top["work"]) / "student"),
-                            **{k: tuple(v) if isinstance(v, list) else v for k, v in b.items()})
+    bench = _section("bench", lambda: BenchConfig(data=top["data"], teacher=top["teacher"],
+                                                  student=str(Path(top["work"]) / "student"), **b))
     g = _check_keys("gates", top.get("gates"), GATE_KEYS)
     _check_types("gates", g, GATE_TYPES)
     gates = Gates(**g)
@@ -261,7 +256,7 @@ def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True)
 def _check_paths(top: dict) -> None:
     """Paths fail before anything runs: data must exist, work must be (or become) a folder,
     a local teacher must be a model folder."""
-    from dqtool.fsutil import check_output_path
+    from dqtool.base.fsutil import check_output_path
 
     data = Path(top["data"])
     if not data.exists():
@@ -281,9 +276,9 @@ def _check_paths(top: dict) -> None:
 
 def _check_splits(data: str, qats: dict, bench) -> None:
     """Every split a stage will read exists in the data (checked now, not after distill ran)."""
-    from dqtool.data import available_splits
+    from dqtool.data.pairs import available_splits
 
-    from dqtool.data import _is_datasets_folder
+    from dqtool.data.pairs import _is_datasets_folder
 
     p = Path(data)
     if not p.is_dir() or _is_datasets_folder(p):
@@ -314,17 +309,18 @@ class Step:
     config: Any
     status: str = ""      # done | run | resume
     note: str = ""        # why, where it is not obvious
+    source: Path | None = None  # the folder this stage reads (the previous stage's output)
 
 
 def _config_json(cfg) -> str:
-    from dqtool.manifest import _jsonable
+    from dqtool.formats.manifest import jsonable
 
-    return json.dumps(_jsonable(cfg), sort_keys=True)
+    return json.dumps(jsonable(cfg), sort_keys=True)
 
 
 def _status(step: Step, upstream_ran: bool, recipe: Recipe) -> str:
-    from dqtool.manifest import verify_folder
-    from dqtool.qat import _last_checkpoint, resume_mismatch, run_record
+    from dqtool.formats.manifest import verify_folder
+    from dqtool.stages.qat import _last_checkpoint, resume_mismatch, run_record
 
     partial = step.out.with_name(step.out.name + ".partial")
     if step.stage == "qat" and partial.is_dir() and not step.out.exists():
@@ -356,10 +352,12 @@ def _status(step: Step, upstream_ran: bool, recipe: Recipe) -> str:
 def plan(recipe: Recipe) -> list[Step]:
     """The stages in order with their status (done / run / resume)."""
     w = recipe.work
-    steps = [Step("distill", w / "student", recipe.distill)]
+    steps = [Step("distill", w / "student", recipe.distill, source=recipe.teacher)]
     for wea, qcfg in recipe.qats.items():
-        steps += [Step("qat", w / f"qat-{wea}", qcfg), Step("convert", w / f"packed-{wea}", recipe.convert),
-                  Step("export", w / f"onnx-{wea}", recipe.export)]
+        qat_dir, packed_dir = w / f"qat-{wea}", w / f"packed-{wea}"
+        steps += [Step("qat", qat_dir, qcfg, source=steps[0].out),
+                  Step("convert", packed_dir, recipe.convert, source=qat_dir),
+                  Step("export", w / f"onnx-{wea}", recipe.export, source=packed_dir)]
     steps.append(Step("bench", w / "bench", recipe.bench))
     ran_distill = False
     ran_branch = False
@@ -402,7 +400,7 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
     Example (needs real folders, so not run as a doctest)::
         r = compress(load_recipe("recipes/demo.yaml")); r.ok
     """
-    from dqtool.fsutil import output_lock
+    from dqtool.base.fsutil import output_lock
 
     if dry_run:
         steps = plan(recipe)
@@ -413,31 +411,30 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
 
 
 def _compress(recipe: Recipe, gates, force: bool, log) -> CompressResult:
-    from dqtool.bench import bench, check_gates
-    from dqtool.convert import convert
-    from dqtool.distill import distill
-    from dqtool.export import export
-    from dqtool.qat import qat
+    from dqtool.stages.bench.stage import bench, check_gates
+    from dqtool.stages.convert import convert
+    from dqtool.stages.distill import distill
+    from dqtool.stages.export import export
+    from dqtool.stages.qat import qat
 
     steps = plan(recipe)
     if force:
         for s in steps:
             s.status = "run"
     log("plan:\n" + describe(steps))
-    student = recipe.work / "student"
     for s in steps:
         if s.status == "done":
             continue
         log(f"== {s.stage} -> {s.out}")
         if s.stage == "distill":
-            distill(recipe.teacher, s.out, s.config, force=True)
+            distill(s.source, s.out, s.config, force=True)
         elif s.stage == "qat":
-            qat(student, s.out, s.config, teacher=recipe.teacher, force=s.status == "run",
+            qat(s.source, s.out, s.config, teacher=recipe.teacher, force=s.status == "run",
                 resume=s.status == "resume", cache_dir=recipe.work / "cache")
         elif s.stage == "convert":
-            convert(s.out.with_name(s.out.name.replace("packed-", "qat-", 1)), s.out, s.config, force=True)
+            convert(s.source, s.out, s.config, force=True)
         elif s.stage == "export":
-            export(s.out.with_name(s.out.name.replace("onnx-", "packed-", 1)), s.out, s.config, force=True)
+            export(s.source, s.out, s.config, force=True)
         elif s.stage == "bench":
             onnx_dirs = [str(x.out) for x in steps if x.stage == "export"]
             bench(onnx_dirs, s.out, s.config, force=True, log=log)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dqtool.bench import SCHEMA_VERSION
+from dqtool.stages.bench.stage import SCHEMA_VERSION
 from dqtool.cli import main
 from dqtool.compress import load_recipe, plan
 from tiny import write_pairs
@@ -42,15 +42,18 @@ def _recipe(root: Path, data: Path, teacher: Path, name="recipe.yaml", **over) -
     ({"tacher": "x"}, "recipe key 'recipe.tacher' is unknown: allowed keys in 'recipe' are teacher"),
     ({"qat": {"max_step": 3}}, "recipe key 'qat.max_step' is unknown"),
     ({"schemes": ["5-2-8"]}, "schemes '5-2-8': weight bits '5' is not supported"),
-    ({"bench": {"runs": 0}}, "recipe key 'bench.runs' must be at least 1"),
+    ({"bench": {"runs": 0}}, "error: bench.runs must be at least 1"),
+    ({"qat": {"learning_rate": 0}}, "error: qat.learning_rate must be > 0"),
+    ({"qat": {"loss_task": -1}}, "error: qat.loss_task must be a number >= 0"),
+    ({"qat": {"logits_loss": "l1"}}, "error: qat.logits_loss 'l1' is not supported"),
+    ({"distill": {"layer_map": "odd"}}, "error: distill.layer_map 'odd' is unknown"),
+    ({"convert": {"tolerance": 0}}, "error: convert.tolerance must be > 0"),
     ({"bench": {"peers": ["onnx-magic"]}}, "peer 'onnx-magic' is unknown"),
-    ({"export": {"matmul": "fast"}}, "recipe key 'export.matmul' 'fast' is not supported"),
-    # Types, ranges and paths are checked up front too, naming the recipe key (issue 14, defect 12).
+    ({"export": {"matmul": "fast"}}, "error: export.matmul 'fast' is not supported"),
+    # Types, paths and data splits are checked up front too, naming the recipe key (issue 14, defect 12).
     ({"gates": {"min_ratio": "x"}}, "recipe key 'gates.min_ratio' must be a number or null, got 'x'"),
     ({"distill": {"encoder_layers": 1.5}}, "recipe key 'distill.encoder_layers' must be an integer or null"),
     ({"qat": {"max_steps": True}}, "recipe key 'qat.max_steps' must be an integer, got True"),
-    ({"qat": {"learning_rate": -1.0}}, "recipe key 'qat.learning_rate' must be > 0"),
-    ({"qat": {"eval_steps": 3}}, "recipe key 'qat.eval_steps' 3 must be >= 1 and divide 'qat.save_steps'"),
     ({"bench": {"runs": "3"}}, "recipe key 'bench.runs' must be an integer, got '3'"),
     ({"distill": {"encoder_map": [0, "a"]}}, "recipe key 'distill.encoder_map' must be a list of integers"),
     ({"data": "/no/such/data"}, "recipe key 'data': /no/such/data not found"),
@@ -179,7 +182,7 @@ def test_bench_cli_on_folders(done, tmp_path):
 def test_bench_leaves_the_thread_count_as_it_was(done, tmp_path):
     import torch
 
-    from dqtool.bench import BenchConfig, bench
+    from dqtool.stages.bench.stage import BenchConfig, bench
 
     root, rec, _ = done
     before = torch.get_num_threads()
