@@ -576,29 +576,46 @@ def _flip(folder: Path, name: str) -> None:
     f.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("kind,command", [("packed", "export"), ("packed", "eval"), ("onnx", "eval")])
-def test_flipped_byte_is_refused_through_each_command(env, packed, onnx_dir, tmp_path, kind, command):
+_FOLDERS = {"student": "model.safetensors", "qat": "model.safetensors", "packed": "packed.safetensors",
+            "onnx": "weights.onnx_data"}
+
+
+def _reader_args(command, bad, out, data):
+    return {"qat": ["qat", str(bad), str(out), "--data", str(data), "--max-steps", "2", "--batch-size", "8"],
+            "convert": ["convert", str(bad), str(out)],
+            "export": ["export", str(bad), str(out)],
+            "eval": ["eval", str(bad), "--data", str(data), "--split", "test", "--max-length", "4"],
+            "bench": ["bench", str(bad), "--out", str(out), "--runs", "1", "--warmup", "0", "--source-tokens", "8",
+                      "--new-tokens", "2", "--threads", "1", "--no-plots"]}[command]
+
+
+# Every dqtool folder kind through every command that reads it (issue 14, items 3 and 4, fixed
+# by issue 13's one integrity policy): a flipped byte is refused, never used.
+READERS = [("student", "qat"), ("student", "eval"), ("qat", "convert"), ("qat", "eval"), ("qat", "bench"),
+           ("packed", "export"), ("packed", "eval"), ("packed", "bench"), ("onnx", "eval"), ("onnx", "bench")]
+
+
+@pytest.mark.parametrize("kind,command", READERS)
+def test_flipped_byte_is_refused_through_each_command(env, ref_qat, packed, onnx_dir, tmp_path, kind, command):
     root, data, _ = env
-    src, weights = {"packed": (packed, "packed.safetensors"), "onnx": (onnx_dir, "weights.onnx_data")}[kind]
+    src = {"student": root / "student", "qat": ref_qat, "packed": packed, "onnx": onnx_dir}[kind]
     bad = tmp_path / kind
     shutil.copytree(src, bad)
-    _flip(bad, weights)
+    _flip(bad, _FOLDERS[kind])
     out = tmp_path / "out"
-    args = {"export": ["export", str(bad), str(out)],
-            "eval": ["eval", str(bad), "--data", str(data), "--split", "test", "--max-length", "4"]}[command]
-    one_line_error(CliRunner().invoke(main, args), "does not match its hash")
+    one_line_error(CliRunner().invoke(main, _reader_args(command, bad, out, data)), "does not match its hash")
     assert not out.exists()
 
 
-@pytest.mark.parametrize("kind,command", [("packed", "export"), ("packed", "eval")])
-def test_missing_manifest_is_one_line(env, packed, tmp_path, kind, command):
+@pytest.mark.parametrize("kind,command", [("qat", "convert"), ("packed", "export"), ("packed", "eval")])
+def test_missing_manifest_is_one_line(env, ref_qat, packed, tmp_path, kind, command):
     root, data, _ = env
     bad = tmp_path / kind
-    shutil.copytree(packed, bad)
+    shutil.copytree({"qat": ref_qat, "packed": packed}[kind], bad)
     (bad / "dqtool-manifest.json").unlink()
-    args = {"export": ["export", str(bad), str(tmp_path / "out")],
-            "eval": ["eval", str(bad), "--data", str(data), "--split", "test", "--max-length", "4"]}[command]
-    one_line_error(CliRunner().invoke(main, args), "dqtool-manifest.json")
+    one_line_error(CliRunner().invoke(main, _reader_args(command, bad, tmp_path / "out", data)),
+                   "dqtool-manifest.json")
+    assert not (tmp_path / "out").exists()
 
 
 def test_onnx_runtime_load_error_is_one_line(onnx_dir, tmp_path):
