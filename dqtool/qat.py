@@ -33,7 +33,7 @@ import torch
 
 from dqtool.errors import DQToolError
 from dqtool.losses import LossConfig, distill_losses
-from dqtool.manifest import atomic_output, check_output, hash_folder, read_manifest, sha256_file, write_manifest
+from dqtool.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.qmodules import ATTN_IMPL, prepare, quantizer_state, strip_quantizer_state
 from dqtool.registry import num_layers, spec_for
 from dqtool.scheme import QuantScheme
@@ -457,10 +457,13 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
 
 
 def _describe_data(cfg: QATConfig) -> dict:
-    # hash_folder keys by relative path, so nested datasets files cannot collide by name.
-    p = Path(cfg.data)
-    hashes = hash_folder(p, exclude=()) if p.is_dir() else {p.name: sha256_file(p)}
-    return {"path": str(p.resolve()), "sha256": hashes}
+    # The files of the splits read, keyed by relative path (nested datasets files cannot
+    # collide by name), hashed through the stat-keyed cache.
+    from dqtool.data import split_files
+    from dqtool.hashcache import describe_data
+
+    splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_steps else [])
+    return describe_data(cfg.data, {k: v for s in splits for k, v in split_files(cfg.data, s).items()})
 
 
 def _save_qat(model, tok, folder: Path, scheme: QuantScheme) -> None:
