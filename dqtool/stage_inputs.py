@@ -220,7 +220,7 @@ def upstream_of(steps: list, i: int) -> list:
     if s.stage in ("convert", "export"):
         return [steps[i - 1]]
     if s.stage == "bench":
-        return [x for x in steps[:i] if x.stage in ("export", "distill")]
+        return [x for x in steps[:i] if x.stage == "export"] + [x for x in steps[:i] if x.stage == "distill"]
     return []
 
 
