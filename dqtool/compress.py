@@ -16,8 +16,8 @@ verify), was made with the same config and from the same inputs (teacher and tok
 files, data split files, the upstream stage's manifest: :mod:`dqtool.stage_inputs`); an
 interrupted QAT run continues from its last checkpoint; a stage that runs again re-runs
 everything after it. ``--dry-run`` checks that the teacher and data exist, prints this
-plan with the reason each stage runs, and exits. Gates (``gates:`` or the CLI) turn the bench report into an
-exit code: 0 all hold, 1 a gate failed, 2 bad input.
+plan with the reason each stage runs, and exits. Gates (``gates:`` or the CLI) turn the
+bench report into an exit code: 0 all hold, 1 a gate failed, 2 bad input.
 
 Example recipe::
 
