@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "tests"))
 def main() -> None:
     from transformers import BartConfig, BartForConditionalGeneration
 
-    import dqtool.hashcache as hc
-    from dqtool.loading import describe_source
+    import dqtool.formats.hashcache as hc
+    from dqtool.formats.hf import describe_source
     from tiny import tiny_tokenizer
 
     torch.set_num_threads(2)

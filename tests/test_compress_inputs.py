@@ -16,8 +16,8 @@ from click.testing import CliRunner
 
 from dqtool.cli import main
 from dqtool.compress import load_recipe, plan
-from dqtool.hashcache import digest
-from dqtool.stage_inputs import is_tokenizer_file
+from dqtool.formats.hashcache import digest
+from dqtool.formats.inputs import is_tokenizer_file
 from tiny import save_tiny, write_pairs
 
 STAGES = ("student", "qat-2-2-8", "packed-2-2-8", "onnx-2-2-8", "bench")
@@ -103,7 +103,7 @@ def _rerun_and_check_chain(root: Path, rec: Path, teacher: Path, data: Path, exp
 
 
 def test_unchanged_inputs_plan_nothing_and_do_not_reread_the_teacher(pipeline, monkeypatch):
-    import dqtool.hashcache as hc
+    import dqtool.formats.hashcache as hc
 
     root, rec, teacher, data = pipeline
     assert set(_statuses(rec).values()) == {"done"}
@@ -155,7 +155,7 @@ def test_changed_train_row_reruns_qat_and_after(pipeline):
 
 def test_remade_upstream_folder_reruns_what_reads_it(pipeline):
     """convert made again by hand (same config, new manifest): export and bench are stale."""
-    from dqtool.convert import convert
+    from dqtool.stages.convert import convert
 
     root, rec, teacher, data = pipeline
     work = root / "work"

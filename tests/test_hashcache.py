@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import dqtool.hashcache as hc
+import dqtool.formats.hashcache as hc
 
 
 def _old_file(path: Path, data: bytes) -> Path:
@@ -121,8 +121,8 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch):
 def test_describe_source_records_every_top_level_file_and_the_manifest(tmp_path, tiny_dir):
     import shutil
 
-    from dqtool.loading import describe_source
-    from dqtool.manifest import write_manifest
+    from dqtool.formats.hf import describe_source
+    from dqtool.formats.manifest import write_manifest
 
     d = tmp_path / "m"
     shutil.copytree(tiny_dir("bart"), d)
