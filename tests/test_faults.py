@@ -245,7 +245,7 @@ def test_compress_restarts_an_interrupted_qat_whose_recipe_changed(env, tmp_path
     p.write_text(yaml.safe_dump(recipe))
     steps = plan(load_recipe(p))
     q = next(s for s in steps if s.stage == "qat")
-    assert q.status == "run" and "learning_rate" in q.note and "act_granularity" in q.note
+    assert q.status == "run" and "learning_rate" in q.reason and "act_granularity" in q.reason
     assert "starts over" in describe(steps)
 
 
