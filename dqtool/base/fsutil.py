@@ -58,11 +58,11 @@ def check_output_path(out: str | os.PathLike, what: str = "output folder") -> Pa
     symlink, or one of its parents exists as a file.
 
     Example:
-        >>> import tempfile; f = Path(tempfile.mkdtemp()) / "f"; _ = f.write_text("x")
+        >>> f = tmp / "f"; _ = f.write_text("x")
         >>> check_output_path(f / "out")
         Traceback (most recent call last):
         ...
-        dqtool.errors.DQToolError: output folder .../f/out cannot be created: .../f is a file, not a folder; choose another path
+        dqtool.base.errors.DQToolError: output folder .../f/out cannot be created: .../f is a file, not a folder; choose another path
     """
     p = Path(out)
     if p.is_symlink() and not p.exists():
@@ -90,11 +90,10 @@ def output_lock(out: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive advisory lock on OUT for the block (re-entrant in one process).
 
     Example:
-        >>> import tempfile; root = Path(tempfile.mkdtemp())
-        >>> with output_lock(root / "out"):
-        ...     (root / ".out.lock").is_file()
+        >>> with output_lock(tmp / "out"):
+        ...     (tmp / ".out.lock").is_file()
         True
-        >>> (root / ".out.lock").exists()   # removed when released
+        >>> (tmp / ".out.lock").exists()   # removed when released
         False
     """
     import fcntl
