@@ -40,7 +40,7 @@ from typing import Any
 from dqtool.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
-SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
+SCHEME_KEYS = ("weight_granularity", "group_size", "weight_method", "act_clip", "act_asymmetric", "act_granularity",
                "quantize_attention")
 LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_enc_last", "logits_loss",
              "temperature")
@@ -141,10 +141,11 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
                      act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
                      act_granularity=skw.get("act_granularity", "token"),
                      quantize_attention=skw.get("quantize_attention", True))
+    methods = _weight_methods(skw.get("weight_method"))
     qats = {}
     for wea in schemes:
-        parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-        scheme = QuantScheme.from_wea(str(wea), **scheme_kw)
+        w_bits = parse_wea(str(wea), option="schemes")[0]  # the error then names the recipe key
+        scheme = QuantScheme.from_wea(str(wea), weight_method=methods.get(w_bits, methods.get(None)), **scheme_kw)
         qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
 
     convert = ConvertConfig(**_check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",))),
@@ -155,6 +156,31 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
     gates = Gates(**_check_keys("gates", top.get("gates"), GATE_KEYS))
     return Recipe(teacher=top["teacher"], data=top["data"], work=Path(top["work"]), distill=distill, qats=qats,
                   convert=convert, export=export, bench=bench, gates=gates, source=top)
+
+
+def _weight_methods(value: Any) -> dict:
+    """Recipe ``qat.weight_method``: one method for every scheme, or per weight bit width
+    (``{2: seq}``: 2-bit schemes use seq, others their default). Returns ``{bits or None: method}``.
+
+    Example:
+        >>> _weight_methods("lsq"), _weight_methods({2: "seq", 4: "lsq"})
+        ({None: 'lsq'}, {2: 'seq', 4: 'lsq'})
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {None: value}
+    if isinstance(value, dict) and all(isinstance(m, str) for m in value.values()):
+        out = {}
+        for k, m in value.items():
+            try:
+                out[int(k)] = m
+            except (TypeError, ValueError):
+                raise DQToolError(f"recipe key 'qat.weight_method' maps weight bits to methods, e.g. {{2: seq}}; "
+                                  f"got the key {k!r}") from None
+        return out
+    raise DQToolError("recipe key 'qat.weight_method' must be a method name (e.g. seq) or a mapping of weight bits "
+                      "to methods (e.g. {2: seq})")
 
 
 # --------------------------------------------------------------------------- plan

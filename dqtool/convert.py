@@ -17,7 +17,8 @@ The packed folder::
 
     packed.safetensors      qweight/scale per quantized module + floats (see dqtool.packed)
     packing.json            format version, scheme, per-module layout, float dtype
-    quantizers.safetensors  learned activation clips (PACT), when the scheme has them
+    quantizers.safetensors  learned activation clips (PACT), when the scheme has them (learned
+                            weight ranges are not stored: the packed scales hold them)
     config.json, generation_config.json, tokenizer files, dqtool-manifest.json
 
 :func:`load_packed` returns a model that computes from the packed tensors (on CPU or
@@ -189,6 +190,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
 
     from dqtool.loading import describe_source
     from dqtool.packed import pack_model, skipped_float_keys
+    from dqtool.qmodules import activation_quantizer_state
     from dqtool.qat import QSTATE_FILE, SCHEME_FILE, is_qat_folder, load_qat
     from dqtool.registry import spec_for
 
@@ -204,7 +206,9 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     model, tok = load_qat(src)
     scheme = model.dqtool_scheme
     qpath = src / QSTATE_FILE
-    qstate = load_file(str(qpath)) if qpath.is_file() else {}
+    # Learned weight ranges (lsq / seq) are baked into the packed scales; the packed folder
+    # keeps only the activation quantizers' state.
+    qstate = activation_quantizer_state(load_file(str(qpath))) if qpath.is_file() else {}
     packed, layout, floats = pack_model(model)
     fdtype, stored, check, tried = _choose_float_dtype(model, packed, layout, floats, qstate, cfg)
 
@@ -226,7 +230,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         if qstate:
-            shutil.copy2(qpath, tmp / QSTATE_FILE)
+            save_file({k: v.contiguous() for k, v in qstate.items()}, str(tmp / QSTATE_FILE))
         if tok is not None:
             tok.save_pretrained(tmp)
         weights = (tmp / PACKED_FILE).stat().st_size

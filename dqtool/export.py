@@ -110,6 +110,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         plans = plan_linears(load_packed("runs/packed")[0], ExportConfig())
         plans["model.encoder.layers.0.fc1"].path   # 'integer'
     """
+    from dqtool.pack import ODD_CODE_METHODS
     from dqtool.packed import PackedEmbedding, PackedLinear
     from dqtool.registry import runs_per_token, spec_for
 
@@ -161,7 +162,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                                  out_features=mod.out_features, a_bits=aspec.bits if aspec else None,
                                  a_symmetric=aspec.symmetric if aspec else True, clip=clip,
                                  a_granularity=aspec.granularity if aspec else "token", block_size=block,
-                                 accuracy_level=cfg.accuracy_level)
+                                 accuracy_level=cfg.accuracy_level, odd_codes=spec.method in ODD_CODE_METHODS)
     return plans
 
 
