@@ -47,10 +47,10 @@ def _load_json(path: Path) -> dict:
 
 def main() -> None:
     from dqtool.compress import load_recipe
-    from dqtool.data import DataConfig
-    from dqtool.distill import distill
-    from dqtool.evaluate import EvalConfig, evaluate_model
-    from dqtool.qat import qat
+    from dqtool.data.pairs import DataConfig
+    from dqtool.stages.distill import distill
+    from dqtool.stages.evaluate import EvalConfig, evaluate_model
+    from dqtool.stages.qat import qat
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", type=Path, required=True, help="the demo teacher folder (train_teacher.py --size demo)")

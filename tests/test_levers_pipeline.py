@@ -10,15 +10,16 @@ import torch
 from safetensors.torch import load_file
 
 from dqtool.compress import recipe_from_dict
-from dqtool.convert import LAYOUT_FILE, PACKED_FILE, ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
-from dqtool.manifest import write_manifest
-from dqtool.pack import row_bytes
-from dqtool.qat import QSTATE_FILE, _save_qat, load_qat
-from dqtool.qmodules import QuantLinear, prepare, quantizer_state
-from dqtool.quant import init_weight_clip
-from dqtool.scheme import QuantScheme
+from dqtool.formats.packed import LAYOUT_FILE, PACKED_FILE, load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
+from dqtool.formats.manifest import write_manifest
+from dqtool.qmath.pack import row_bytes
+from dqtool.formats.qat import QSTATE_FILE, load_qat, save_qat
+from dqtool.model.qmodules import QuantLinear, prepare, quantizer_state
+from dqtool.qmath.quant import init_weight_clip
+from dqtool.qmath.scheme import QuantScheme
 from tiny import tiny_model, tiny_tokenizer
 
 SCHEMES = {  # name -> (W-E-A, weight method)
@@ -46,7 +47,7 @@ def _trained_qat(path: Path, arch: str, name: str, enc: int = 2, dec: int = 2, *
             if isinstance(mod, QuantLinear) and mod.weight_clip is not None:
                 mod.weight_clip.mul_(0.6 + 0.5 * torch.rand(mod.weight_clip.shape, generator=g))
     path.mkdir(parents=True)
-    _save_qat(model.eval(), tiny_tokenizer(), path, scheme)
+    save_qat(model.eval(), tiny_tokenizer(), path, scheme)
     write_manifest(path, "qat", inputs={}, config={})
     return path
 
@@ -187,8 +188,8 @@ def test_seq_nbits_weights_are_the_trained_ones_bit_for_bit(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from dqtool.pack import pack_odd_codes
-    from dqtool.quant import QuantSpec, dequantize, quantize_weight
+    from dqtool.qmath.pack import pack_odd_codes
+    from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
 
     spec = QuantSpec.weight(2, "row", method="seq")
     k, n, block = 64, 48, 32
@@ -237,7 +238,7 @@ def test_scheme_round_trips_weight_method():
 def test_cli_weight_method_reaches_the_scheme(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import dqtool.qat
+    import dqtool.stages.qat
     from dqtool.cli import main
 
     seen = {}
@@ -246,7 +247,7 @@ def test_cli_weight_method_reaches_the_scheme(tmp_path, monkeypatch):
         seen["scheme"] = cfg.scheme
         raise DQToolError("stop here")
 
-    monkeypatch.setattr(dqtool.qat, "qat", fake_qat)
+    monkeypatch.setattr(dqtool.stages.qat, "qat", fake_qat)
     r = CliRunner().invoke(main, ["qat", "s", str(tmp_path / "o"), "--data", "d", "--wea", "2-2-8",
                                   "--weight-method", "seq"])
     assert r.exit_code == 2 and "stop here" in r.output

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from dqtool.errors import DQToolError
-from dqtool.pack import pack_odd_codes, row_bytes, unpack_odd_codes
-from dqtool.quant import (
+from dqtool.base.errors import DQToolError
+from dqtool.qmath.pack import pack_odd_codes, row_bytes, unpack_odd_codes
+from dqtool.qmath.quant import (
     QuantSpec,
     dequantize,
     fake_quant,
