@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
 
     A weight method that learns its range (``lsq``, ``seq``) gets a ``weight_clip``
     parameter shaped like the scale (``[out, 1]`` per row), started from the weight's
-    statistics by :func:`~dqtool.quant.init_weight_clip` when the module is built.
+    statistics by :func:`~dqtool.qmath.quant.init_weight_clip` when the module is built.
 
     Example:
         >>> lin = nn.Linear(8, 4)

@@ -26,10 +26,10 @@ float rounding of the final rescale::
 ``nbits`` (weight-only schemes, group-wise scales, or on request) -- ``MatMulNBits`` with
 the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the scales
 repeated per block (exact: the same scale; ``seq``'s odd codes: twice the scale and the
-float zero point ``(2^b - 1) / 2``, exact as well, see :func:`_nbits_inputs`). Activations, when the scheme quantizes them,
-are fake-quantized in the graph first; with ``accuracy_level=4`` ORT then re-quantizes A
-per block to int8 for speed (an approximation of training's grid), with
-``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
+float zero point ``(2^b - 1) / 2``, exact as well, see :func:`_nbits_inputs`).
+Activations, when the scheme quantizes them, are fake-quantized in the graph first; with
+``accuracy_level=4`` ORT then re-quantizes A per block to int8 for speed (an approximation
+of training's grid), with ``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
 dynamic activations at level 4 the graph leaves the quantization to the kernel
 (:func:`kernel_quantizes_input`).
 """
@@ -63,7 +63,7 @@ class LinearPlan:
     a_granularity: str = "token"  # dynamic range per token (row of the last dim) or per tensor
     block_size: int = 0        # nbits only
     accuracy_level: int = 4    # nbits only
-    odd_codes: bool = False    # seq weights: stored u = (code + 2^b - 1) / 2 (dqtool.pack.pack_odd_codes)
+    odd_codes: bool = False    # seq weights: stored u = (code + 2^b - 1) / 2 (dqtool.qmath.pack.pack_odd_codes)
 
     @property
     def per_row(self) -> bool:
@@ -196,7 +196,7 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     seq (odd codes): value = code * s = (u - (2^b - 1)/2) * 2s, so the scales are ``2s``
     and the zero points the float ``(2^b - 1) / 2`` (1.5 at 2 bits). ORT computes
     ``u * 2s - zp * 2s``; both products and the difference are exact because the trained
-    alpha keeps ``b`` spare significand bits (:func:`dqtool.quant.seq_alpha`), so the
+    alpha keeps ``b`` spare significand bits (:func:`dqtool.qmath.quant.seq_alpha`), so the
     kernel's weights are the trained ones bit for bit. ORT runs float zero points in
     float whatever the accuracy level (no int8 A kernel)."""
     n, nb = plan.out_features, plan.in_features // plan.block_size
@@ -263,7 +263,8 @@ class _QLinearFn(torch.autograd.Function):
             if plan.a_bits is not None and not kernel_quantizes_input(plan):
                 a = _fake_quant_act(g, x, plan)
             b, sc, zp = _nbits_inputs(g, qweight, scale, plan, spec)
-            y = g.op("com.microsoft::MatMulNBits", a, b, sc, *([zp] if zp is not None else []), K_i=plan.in_features, N_i=plan.out_features,
+            zps = [zp] if zp is not None else []
+            y = g.op("com.microsoft::MatMulNBits", a, b, sc, *zps, K_i=plan.in_features, N_i=plan.out_features,
                      bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
         return g.op("Add", y, bias)
 

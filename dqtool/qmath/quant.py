@@ -33,7 +33,7 @@ TernaryBERT):
   ``alpha = clip`` (initialised at ``max|w|`` per row) and an LSQ-style gradient. Codes are
   the odd integers ``-(2**bits - 1) .. 2**bits - 1`` with scale ``alpha / 2**bits``, so the
   integer form is exact as int8; stored unsigned as ``(code + 2**bits - 1) / 2`` in ``bits``
-  bits (:func:`dqtool.pack.pack_odd_codes`).
+  bits (:func:`dqtool.qmath.pack.pack_odd_codes`).
 * ``tbt`` -- TBT's statistics-based ternary: ``alpha = 4/3 * mean|w|`` per slice, codes
   ``clamp(round(w / alpha), -1, 1)``, recomputed every step (no learned state).
 
