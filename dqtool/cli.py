@@ -147,6 +147,11 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--weight-granularity", type=click.Choice(["tensor", "row", "group"]), default="row", show_default=True,
               help="One weight scale per tensor, per output row, or per group of input columns.")
 @click.option("--group-size", type=int, default=None, help="Input columns per scale with --weight-granularity group.")
+@click.option("--weight-method", type=click.Choice(["minmax", "ternary", "lsq", "seq", "tbt"]), default=None,
+              help="Weight quantizer (default: ternary at 2 bits, minmax otherwise): lsq = the minmax grid with a "
+                   "learned range per row (at 2 bits a ternary with a learned scale, started at 4/3 mean|w|); "
+                   "seq = ParetoQ's four balanced levels +-alpha/4, +-3alpha/4 (2 bits; 3/4 bits: 8/16 levels) with "
+                   "a learned alpha per row started at max|w|; tbt = ternary with alpha = 4/3 mean|w| per row.")
 @click.option("--act-clip", type=click.Choice(["dynamic", "pact"]), default="dynamic", show_default=True,
               help="Activation range: the dynamic max|x| (per token or per tensor, see --act-granularity) or a "
                    "learned PACT clip per quantizer.")
@@ -191,7 +196,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
               help="Mixed precision: auto = bf16/fp16 on CUDA, fp32 on CPU.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
-def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_clip, act_asymmetric,
+def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
         act_granularity, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
@@ -204,7 +209,7 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
     from dqtool.qmath.scheme import QuantScheme
 
     scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
-                                  act_clip=act_clip, act_symmetric=not act_asymmetric,
+                                  weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
                                   act_granularity=act_granularity, quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)

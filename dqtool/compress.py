@@ -45,7 +45,7 @@ from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
-SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
+SCHEME_KEYS = ("weight_granularity", "group_size", "weight_method", "act_clip", "act_asymmetric", "act_granularity",
                "quantize_attention")
 # Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
 # fields under the names the CLI flags use (so a recipe reads like the command line).
@@ -229,10 +229,12 @@ def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True)
     scheme_kw = {SCHEME_FIELDS[k]: v for k, v in skw.items() if k in SCHEME_FIELDS}
     if "act_asymmetric" in skw:
         scheme_kw["act_symmetric"] = not skw["act_asymmetric"]
+    methods = _weight_methods(skw.get("weight_method"))
     qats = {}
     for wea in schemes:
-        parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-        scheme = _section("qat", lambda: QuantScheme.from_wea(str(wea), **scheme_kw))
+        w_bits = parse_wea(str(wea), option="schemes")[0]  # the error then names the recipe key
+        method = methods.get(w_bits, methods.get(None))
+        scheme = _section("qat", lambda: QuantScheme.from_wea(str(wea), weight_method=method, **scheme_kw))
         qats[scheme.wea] = _section("qat", lambda: QATConfig(data=top["data"], scheme=scheme, losses=losses, **q))
 
     c = _check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",)))
@@ -300,6 +302,30 @@ def _check_splits(data: str, qats: dict, bench) -> None:
         if split not in have:
             raise DQToolError(f"recipe key '{key}': split '{split}' is not in {p} (it has "
                               f"{', '.join(sorted(have)) or 'no split files'})")
+
+def _weight_methods(value: Any) -> dict:
+    """Recipe ``qat.weight_method``: one method for every scheme, or per weight bit width
+    (``{2: seq}``: 2-bit schemes use seq, others their default). Returns ``{bits or None: method}``.
+
+    Example:
+        >>> _weight_methods("lsq"), _weight_methods({2: "seq", 4: "lsq"})
+        ({None: 'lsq'}, {2: 'seq', 4: 'lsq'})
+    """
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {None: value}
+    if isinstance(value, dict) and all(isinstance(m, str) for m in value.values()):
+        out = {}
+        for k, m in value.items():
+            try:
+                out[int(k)] = m
+            except (TypeError, ValueError):
+                raise DQToolError(f"recipe key 'qat.weight_method' maps weight bits to methods, e.g. {{2: seq}}; "
+                                  f"got the key {k!r}") from None
+        return out
+    raise DQToolError("recipe key 'qat.weight_method' must be a method name (e.g. seq) or a mapping of weight bits "
+                      "to methods (e.g. {2: seq})")
 
 
 # --------------------------------------------------------------------------- plan

@@ -16,7 +16,7 @@ from dqtool.data.pairs import TOO_LONG, DataConfig
 from dqtool.formats.packed import FLOAT_DTYPES
 from dqtool.model.layermap import SCHEMES
 from dqtool.model.losses import LOGIT_LOSSES, LossConfig
-from dqtool.qmath.quant import ACT_GRANULARITIES, GRANULARITIES
+from dqtool.qmath.quant import ACT_GRANULARITIES, GRANULARITIES, METHODS
 from dqtool.qmath.scheme import ACT_CLIPS, QuantScheme
 from dqtool.stages.bench.stage import BenchConfig
 from dqtool.stages.convert import ConvertConfig
@@ -59,6 +59,7 @@ CHOICES = {
     ("distill", "map_scheme"): SCHEMES,
     ("eval", "preset"): tuple(PRESETS),
     ("qat", "weight_granularity"): GRANULARITIES,
+    ("qat", "weight_method"): METHODS,
     ("qat", "act_clip"): ACT_CLIPS,
     ("qat", "act_granularity"): ACT_GRANULARITIES,
     ("qat", "logits_kind"): LOGIT_LOSSES,

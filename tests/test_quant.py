@@ -289,7 +289,7 @@ def test_asymmetric_activation_rejects_clip():
     (dict(bits=8, granularity="group"), ["group_size", "positive"]),
     (dict(bits=8, granularity="group", group_size=0), ["group_size", "positive"]),
     (dict(bits=8, granularity="row", group_size=32), ["group_size", "granularity"]),
-    (dict(bits=8, method="kmeans"), ["method 'kmeans'", "minmax, ternary or lsq"]),
+    (dict(bits=8, method="kmeans"), ["method 'kmeans'", "minmax, ternary, lsq, seq or tbt"]),
     (dict(bits=4, method="ternary"), ["ternary", "bits 2"]),
     (dict(bits=8, symmetric=False), ["symmetric", "activations only"]),
     (dict(bits=8, granularity="row", role="activation"), ["activation granularity", "tensor"]),

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqtool.qmath.pack import pack_codes, row_bytes, unpack_codes, zero_point
+from dqtool.qmath.pack import ODD_CODE_METHODS, pack_codes, pack_method_codes, row_bytes, unpack_method_codes, \
+    zero_point
 from dqtool.model.qmodules import QuantEmbedding, QuantLinear, prepare, quantizer_state
 from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
 from dqtool.model.registry import ArchSpec, get_module, spec_for
@@ -92,7 +93,7 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit)."""
         src = self.tied_to if self.tied_to is not None else self
-        codes = unpack_codes(src.qweight, self.spec.bits, self.in_features)       # [out, in] int8
+        codes = unpack_method_codes(src.qweight, self.spec.bits, self.in_features, self.spec.method)  # [out, in]
         return dequantize(codes, _scale_view(src.scale, self.spec), self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
@@ -122,23 +123,28 @@ class PackedEmbedding(nn.Module):
         self.embed_scale = embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
-        codes = unpack_codes(self.qweight[ids], self.spec.bits, self.embedding_dim)  # [B, T, d]
+        codes = unpack_method_codes(self.qweight[ids], self.spec.bits, self.embedding_dim, self.spec.method)
         return (codes.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)) * self.embed_scale
 
 
 # --------------------------------------------------------------------------- QAT -> packed
 
 def _entry(kind: str, spec: QuantSpec, out: int, inp: int) -> dict:
-    return {"kind": kind, "bits": spec.bits, "method": spec.method, "granularity": spec.granularity,
-            "group_size": spec.group_size, "role": spec.role, "shape": [out, inp],
-            "row_bytes": row_bytes(inp, spec.bits), "zero_point": zero_point(spec.bits),
-            "padding_bits": row_bytes(inp, spec.bits) * 8 - inp * spec.bits}
+    e = {"kind": kind, "bits": spec.bits, "method": spec.method, "granularity": spec.granularity,
+         "group_size": spec.group_size, "role": spec.role, "shape": [out, inp],
+         "row_bytes": row_bytes(inp, spec.bits), "zero_point": zero_point(spec.bits),
+         "padding_bits": row_bytes(inp, spec.bits) * 8 - inp * spec.bits}
+    if spec.method in ODD_CODE_METHODS:
+        # stored u = (code + 2^b - 1) / 2: value = (u - zero_point) * 2 * scale (a float zero point)
+        e["zero_point"] = (2 ** spec.bits - 1) / 2
+        e["codes"] = "odd"
+    return e
 
 
-def _pack_one(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    codes, scale = quantize_weight(weight, spec)   # exactly what fake_quant used
+def _pack_one(weight: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, scale = quantize_weight(weight, spec, clip)   # exactly what fake_quant used
     scale = scale if spec.granularity == "tensor" else scale.squeeze(-1)
-    return pack_codes(codes, spec.bits), scale.contiguous()
+    return pack_method_codes(codes, spec.bits, spec.method), scale.contiguous()
 
 
 def skipped_float_keys(spec: ArchSpec) -> tuple[str, ...]:
@@ -206,7 +212,7 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dic
                 layout[name] = {"kind": "tied", "to": spec.token_embedding}
                 continue
             raise ValueError(f"{name} shares the embedding's weight but not its quantization spec")
-        packed[f"{name}.qweight"], packed[f"{name}.scale"] = _pack_one(mod.weight, mod.wspec)
+        packed[f"{name}.qweight"], packed[f"{name}.scale"] = _pack_one(mod.weight, mod.wspec, mod.weight_clip)
         layout[name] = _entry("linear", mod.wspec, mod.out_features, mod.in_features)
         ptrs.add(mod.weight.data_ptr())
     return packed, layout, float_state(model, ptrs, spec)

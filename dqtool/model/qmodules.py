@@ -14,7 +14,9 @@
 
 The modules hold the *same* ``nn.Parameter`` objects as the modules they replace and
 keep their names (``weight``, ``bias``), so the state dict is the HF one plus the
-learned activation clips, and ``save_pretrained`` still writes a plain HF checkpoint.
+learned quantizer ranges (activation clips, and ``weight_clip`` of a Linear whose weight
+method learns its range: ``lsq``, ``seq``), and ``save_pretrained`` still writes a plain HF
+checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqtool.qmath.quant import QuantSpec, fake_quant
+from dqtool.qmath.quant import QuantSpec, fake_quant, init_weight_clip
 from dqtool.model.registry import ArchSpec, get_module, linears, spec_for
 from dqtool.qmath.scheme import QuantScheme
 
@@ -66,8 +68,15 @@ class _ActQuant(nn.Module):
         return fake_quant(x, self.spec, self.clip)
 
 
+WEIGHT_CLIP = "weight_clip"
+
+
 class QuantLinear(nn.Module):
     """``nn.Linear`` whose weight and input are fake-quantized.
+
+    A weight method that learns its range (``lsq``, ``seq``) gets a ``weight_clip``
+    parameter shaped like the scale (``[out, 1]`` per row), started from the weight's
+    statistics by :func:`~dqtool.qmath.quant.init_weight_clip` when the module is built.
 
     Example:
         >>> lin = nn.Linear(8, 4)
@@ -83,17 +92,22 @@ class QuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.wspec = wspec
+        if wspec is not None and wspec.learned:
+            self.weight_clip = nn.Parameter(init_weight_clip(linear.weight, wspec))
+        else:
+            self.weight_clip = None
         self.act = _ActQuant(aspec, learned_clip)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (fake-quantized): [out, in]."""
-        return self.weight if self.wspec is None else fake_quant(self.weight, self.wspec)
+        return self.weight if self.wspec is None else fake_quant(self.weight, self.wspec, self.weight_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
         w = "float" if self.wspec is None else f"{self.wspec.bits}b-{self.wspec.method}-{self.wspec.granularity}"
+        w += ", learned range" if self.weight_clip is not None else ""
         a = "float" if self.act.spec is None else f"{self.act.spec.bits}b"
         return f"in={self.in_features}, out={self.out_features}, w={w}, a={a}"
 
@@ -190,7 +204,8 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
 
 
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Quantizer tensors (PACT clips and their calibration flags) by state-dict name.
+    """Quantizer tensors (PACT clips and their calibration flags, learned weight ranges) by
+    state-dict name.
 
     Empty for dynamic schemes, whose quantizers hold no state.
     """
@@ -199,7 +214,15 @@ def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(mod, _ActQuant):
             for k, v in mod.state_dict().items():
                 out[f"{name}.{k}"] = v.detach().clone()
+        elif isinstance(mod, QuantLinear) and mod.weight_clip is not None:
+            out[f"{name}.{WEIGHT_CLIP}"] = mod.weight_clip.detach().clone()
     return out
+
+
+def activation_quantizer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the learned weight ranges: what a packed model still needs (its
+    scales already hold the weight ranges)."""
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] != WEIGHT_CLIP}
 
 
 def strip_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,10 +25,11 @@ float rounding of the final rescale::
 
 ``nbits`` (weight-only schemes, group-wise scales, or on request) -- ``MatMulNBits`` with
 the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the scales
-repeated per block (exact: the same scale). Activations, when the scheme quantizes them,
-are fake-quantized in the graph first; with ``accuracy_level=4`` ORT then re-quantizes A
-per block to int8 for speed (an approximation of training's grid), with
-``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
+repeated per block (exact: the same scale; ``seq``'s odd codes: twice the scale and the
+float zero point ``(2^b - 1) / 2``, exact as well, see :func:`_nbits_inputs`).
+Activations, when the scheme quantizes them, are fake-quantized in the graph first; with
+``accuracy_level=4`` ORT then re-quantizes A per block to int8 for speed (an approximation
+of training's grid), with ``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
 dynamic activations at level 4 the graph leaves the quantization to the kernel
 (:func:`kernel_quantizes_input`).
 """
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dqtool.qmath.pack import row_bytes, unpack_codes, zero_point
+from dqtool.qmath.pack import odd_offset, row_bytes, unpack_method_codes, zero_point
 from dqtool.qmath.quant import QuantSpec, dequantize, fake_quant
 
 INTEGER, NBITS = "integer", "nbits"
@@ -62,6 +63,7 @@ class LinearPlan:
     a_granularity: str = "token"  # dynamic range per token (row of the last dim) or per tensor
     block_size: int = 0        # nbits only
     accuracy_level: int = 4    # nbits only
+    odd_codes: bool = False    # seq weights: stored u = (code + 2^b - 1) / 2 (dqtool.qmath.pack.pack_odd_codes)
 
     @property
     def per_row(self) -> bool:
@@ -176,14 +178,27 @@ def _weight_codes_kn(g, qweight, plan: LinearPlan):
         u = g.op("BitwiseAnd", u, _const(g, (1 << bits) - 1, torch.uint8))
         u = g.op("Reshape", u, _const(g, [n, row_bytes(k, bits) * per], torch.int64))
         u = g.op("Slice", u, _const(g, [0], torch.int64), _const(g, [k], torch.int64), _const(g, [1], torch.int64))
-    c = g.op("Sub", g.op("Cast", u, to_i=_onnx_type("INT32")), _const(g, zero_point(bits), torch.int32))
+    c = g.op("Cast", u, to_i=_onnx_type("INT32"))
+    if plan.odd_codes:
+        # seq: code = 2u - (2^b - 1), the odd int8 codes training used (scale alpha / 2^b): exact
+        c = g.op("Sub", g.op("Mul", c, _const(g, 2, torch.int32)), _const(g, odd_offset(bits), torch.int32))
+    else:
+        c = g.op("Sub", c, _const(g, zero_point(bits), torch.int32))
     return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("INT8")), perm_i=[1, 0])
 
 
 def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
-    """MatMulNBits' ``B [N, K/block, blob]`` and ``scales [N, K/block]`` from the stored
-    packed rows and scales (Reshape/Expand on initializers: constant-folded by ORT, so the
-    file holds each tensor once, also for a tied lm_head)."""
+    """MatMulNBits' ``B [N, K/block, blob]``, ``scales [N, K/block]`` and zero points (None:
+    the default ``2^(b-1)``) from the stored packed rows and scales (Reshape/Expand on
+    initializers: constant-folded by ORT, so the file holds each tensor once, also for a
+    tied lm_head).
+
+    seq (odd codes): value = code * s = (u - (2^b - 1)/2) * 2s, so the scales are ``2s``
+    and the zero points the float ``(2^b - 1) / 2`` (1.5 at 2 bits). ORT computes
+    ``u * 2s - zp * 2s``; both products and the difference are exact because the trained
+    alpha keeps ``b`` spare significand bits (:func:`dqtool.qmath.quant.seq_alpha`), so the
+    kernel's weights are the trained ones bit for bit. ORT runs float zero points in
+    float whatever the accuracy level (no int8 A kernel)."""
     n, nb = plan.out_features, plan.in_features // plan.block_size
     b = g.op("Reshape", qweight, _const(g, [n, nb, plan.block_size * plan.bits // 8], torch.int64))
     if spec.granularity == "group":
@@ -191,7 +206,11 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     else:
         col = g.op("Reshape", scale, _const(g, [-1, 1], torch.int64))          # [N, 1] or [1, 1]
         s = g.op("Expand", col, _const(g, [n, nb], torch.int64))
-    return b, s
+    zp = None
+    if plan.odd_codes:
+        s = g.op("Mul", s, _const(g, 2.0, torch.float32))                       # exact (power of two)
+        zp = g.op("Expand", _const(g, (2 ** plan.bits - 1) / 2, torch.float32), _const(g, [n, nb], torch.int64))
+    return b, s, zp
 
 
 def _integer_matmul(g, q, w, zp, plan: LinearPlan):
@@ -210,7 +229,9 @@ def kernel_quantizes_input(plan: LinearPlan) -> bool:
     per row and block of ``block_size`` inputs -- a finer grid than training's per-token
     (or per-tensor) range, so fake-quantizing first would only add a second rounding and
     a dozen small ops per Linear per generated token."""
-    return plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0
+    # (Not with float zero points -- seq weights --, which ORT runs in float at any level.)
+    return plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0 \
+        and not plan.odd_codes
 
 
 class _QLinearFn(torch.autograd.Function):
@@ -221,7 +242,7 @@ class _QLinearFn(torch.autograd.Function):
         if aspec is not None:
             clip = torch.tensor(plan.clip, dtype=x.dtype) if plan.clip > 0 else None
             x = fake_quant(x, aspec, clip)
-        codes = unpack_codes(qweight, plan.bits, plan.in_features)              # [N, K] int8
+        codes = unpack_method_codes(qweight, plan.bits, plan.in_features, spec.method)  # [N, K] int8
         s = scale if spec.granularity == "tensor" else scale.unsqueeze(-1)
         return F.linear(x, dequantize(codes, s, spec), bias)
 
@@ -241,8 +262,9 @@ class _QLinearFn(torch.autograd.Function):
             a = x
             if plan.a_bits is not None and not kernel_quantizes_input(plan):
                 a = _fake_quant_act(g, x, plan)
-            b, sc = _nbits_inputs(g, qweight, scale, plan, spec)
-            y = g.op("com.microsoft::MatMulNBits", a, b, sc, K_i=plan.in_features, N_i=plan.out_features,
+            b, sc, zp = _nbits_inputs(g, qweight, scale, plan, spec)
+            zps = [zp] if zp is not None else []
+            y = g.op("com.microsoft::MatMulNBits", a, b, sc, *zps, K_i=plan.in_features, N_i=plan.out_features,
                      bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
         return g.op("Add", y, bias)
 

@@ -25,7 +25,21 @@ TernaryBERT):
   ``sign(w) * (|w| > delta)`` in {-1, 0, 1}, scale ``alpha = mean|w|`` over the kept
   entries. DQ-BART uses it for every 2-bit weight; :meth:`QuantSpec.weight` picks it.
 * ``lsq`` -- the ``minmax`` grid with a *learned* range ``clip`` (scale ``clip / qmax``)
-  whose gradient is LSQ's step-size gradient (Esser et al. 2020).
+  whose gradient is LSQ's step-size gradient (Esser et al. 2020). At 2 bits the grid is
+  {-1, 0, 1}: a ternary quantizer with a learned scale ``alpha = clip``, codes
+  ``clamp(round(w / alpha), -1, 1)`` (TBT's rule, Liu et al. ACL 2023, with alpha learned).
+* ``seq`` -- ParetoQ's stretched elastic quant (Liu et al. 2025): ``2**bits`` balanced
+  levels without a zero, ``{-3, -1, 1, 3} * alpha / 4`` at 2 bits, with a learned range
+  ``alpha = clip`` (initialised at ``max|w|`` per row) and an LSQ-style gradient. Codes are
+  the odd integers ``-(2**bits - 1) .. 2**bits - 1`` with scale ``alpha / 2**bits``, so the
+  integer form is exact as int8; stored unsigned as ``(code + 2**bits - 1) / 2`` in ``bits``
+  bits (:func:`dqtool.qmath.pack.pack_odd_codes`).
+* ``tbt`` -- TBT's statistics-based ternary: ``alpha = 4/3 * mean|w|`` per slice, codes
+  ``clamp(round(w / alpha), -1, 1)``, recomputed every step (no learned state).
+
+:func:`init_weight_clip` gives the statistics-based start of a learned weight range:
+``max|w|`` per slice (ParetoQ's initialisation, so ``lsq`` at 3+ bits starts exactly at
+``minmax``), and ``4/3 * mean|w|`` for the 2-bit ``lsq`` grid (TBT's ternary scale).
 
 A ``minmax`` quantizer given a ``clip`` tensor becomes PACT-style (Choi et al. 2018):
 values are clamped to ``[-clip, clip]``, the scale is ``clip / qmax`` and the clip gets
@@ -55,7 +69,12 @@ from dqtool.base.errors import DQToolError
 BITS = (8, 4, 3, 2)
 GRANULARITIES = ("tensor", "row", "group")         # weights and embeddings
 ACT_GRANULARITIES = ("token", "tensor")  # activations: one range per row of the last dim, or one
-METHODS = ("minmax", "ternary", "lsq")
+METHODS = ("minmax", "ternary", "lsq", "seq", "tbt")
+# Weight methods whose range is a learned tensor (a ``clip`` per scale slice).
+LEARNED_METHODS = ("lsq", "seq")
+SEQ_BITS = (2, 3, 4)      # odd codes up to 2**bits - 1 fit int8 (8-bit seq would need 255)
+# TBT ternary scale: alpha = 4/3 * mean|w| (also the start of a learned 2-bit lsq range).
+TBT_FACTOR = 4.0 / 3.0
 ROLES = ("weight", "embedding", "activation")
 FLOAT_WORDS = ("none", "16", "32")  # a W-E-A slot left in floating point
 
@@ -113,9 +132,13 @@ class QuantSpec:
             raise DQToolError(f"{role} bits {self.bits} is not supported: choose {_join(BITS)}")
         if self.method not in METHODS:
             raise DQToolError(f"{role} method '{self.method}' is not supported: choose {_join(METHODS)}")
-        if self.method == "ternary" and self.bits != 2:
+        if self.method in ("ternary", "tbt") and self.bits != 2:
             raise DQToolError(
-                f"{role} method 'ternary' needs bits 2, got {self.bits}: use minmax or lsq for {self.bits} bits")
+                f"{role} method '{self.method}' needs bits 2, got {self.bits}: use minmax or lsq for {self.bits} bits")
+        if self.method == "seq" and self.bits not in SEQ_BITS:
+            raise DQToolError(
+                f"{role} method 'seq' needs bits {_join(SEQ_BITS)}, got {self.bits}: use minmax or lsq for "
+                f"{self.bits} bits")
         allowed = ACT_GRANULARITIES if role == "activation" else GRANULARITIES
         if self.granularity not in allowed:
             why = "is for activations" if self.granularity == "token" else "is not supported"
@@ -129,8 +152,8 @@ class QuantSpec:
                 f"{role} group_size {self.group_size} is only used with granularity 'group': "
                 f"drop group_size or choose granularity group")
         if role == "activation":
-            if self.method == "ternary":
-                raise DQToolError("activation method 'ternary' is not supported: choose minmax or lsq")
+            if self.method in ("ternary", "seq", "tbt"):
+                raise DQToolError(f"activation method '{self.method}' is not supported: choose minmax or lsq")
             if not self.symmetric and self.method != "minmax":
                 raise DQToolError(
                     f"activation method '{self.method}' is not supported with symmetric=False: choose minmax")
@@ -170,7 +193,10 @@ class QuantSpec:
 
     @property
     def qmax(self) -> int:
-        """Largest code: ``2**(bits-1) - 1`` symmetric (1 for ternary), ``2**bits - 1`` asymmetric."""
+        """Largest code: ``2**(bits-1) - 1`` symmetric (1 for ternary), ``2**bits - 1`` asymmetric
+        and for ``seq`` (whose codes are the odd integers up to it)."""
+        if self.method == "seq":
+            return 2 ** self.bits - 1
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
 
     @property
@@ -180,8 +206,15 @@ class QuantSpec:
 
     @property
     def levels(self) -> int:
-        """How many distinct codes exist: ``2**bits - 1`` symmetric, ``2**bits`` asymmetric."""
+        """How many distinct codes exist: ``2**bits - 1`` symmetric, ``2**bits`` asymmetric and ``seq``."""
+        if self.method == "seq":
+            return 2 ** self.bits
         return self.qmax - self.qmin + 1
+
+    @property
+    def learned(self) -> bool:
+        """True when the range is a learned tensor that :func:`fake_quant` needs as ``clip``."""
+        return self.method in LEARNED_METHODS
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -307,8 +340,8 @@ def compute_scale(w: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         >>> compute_scale(torch.zeros(3), QuantSpec(bits=8)).item() > 0
         True
     """
-    if spec.method == "ternary":
-        raise ValueError("ternary scales come from ternary_scale_and_codes(), not compute_scale()")
+    if spec.method in ("ternary", "seq", "tbt"):
+        raise ValueError(f"{spec.method} scales come from quantize_weight(), not compute_scale()")
     if not spec.symmetric:
         raise ValueError("asymmetric scales come from activation_qparams(), not compute_scale()")
     w = w.detach()
@@ -353,6 +386,75 @@ def ternary_scale_and_codes(w: torch.Tensor, granularity: str = "tensor",
     return alpha, codes
 
 
+def init_weight_clip(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Statistics-based start of a learned weight range, shaped like the scale (detached).
+
+    ``max|w|`` per slice (ParetoQ: ``seq`` at 2 bits and LSQ at 3/4 bits; ``lsq`` then
+    starts exactly at the ``minmax`` grid), and TBT's ``4/3 * mean|w|`` for the 2-bit
+    ``lsq`` grid {-1, 0, 1} (a learned ternary). Never below ``1e-8``.
+
+    Example:
+        >>> w = torch.tensor([[1.0, -3.0], [0.5, 0.25]])
+        >>> init_weight_clip(w, QuantSpec.weight(2, method="seq")).flatten().tolist()
+        [3.0, 0.5]
+        >>> init_weight_clip(w, QuantSpec.weight(2, method="lsq")).flatten().tolist()
+        [2.6666667461395264, 0.5]
+    """
+    a = _view(w.detach(), spec).abs()
+    over = {} if spec.granularity == "tensor" else dict(dim=-1, keepdim=True)
+    stat = TBT_FACTOR * a.mean(**over) if spec.method == "lsq" and spec.bits == 2 else a.amax(**over)
+    return stat.clamp_min(_eps(w.dtype)).clone()
+
+
+def tbt_scale(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """TBT's ternary scale ``4/3 * mean|w|`` per slice (shaped like :func:`compute_scale`'s).
+
+    Example:
+        >>> tbt_scale(torch.tensor([[0.0, -3.0, 2.0, 1.0]]), QuantSpec.weight(2, "row", method="tbt")).tolist()
+        [[2.0]]
+    """
+    a = _view(w.detach(), spec).abs()
+    mean = a.mean() if spec.granularity == "tensor" else a.mean(dim=-1, keepdim=True)
+    return (TBT_FACTOR * mean).clamp_min(_eps(w.dtype))
+
+
+def _mantissa_bits(dtype: torch.dtype) -> int:
+    # Stored significand bits: 23 for float32, 10 for float16, 7 for bfloat16.
+    return int(round(-math.log2(torch.finfo(dtype).eps)))
+
+
+def seq_alpha(clip: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``seq`` range actually used: ``clip`` (at least 1e-8) with its lowest ``bits``
+    significand bits cleared (relative change below ``2**(bits - 23)`` in float32).
+
+    The spare low bits make ``u * alpha / 2**(bits-1)`` and ``(2**bits - 1) / 2 * alpha /
+    2**(bits-1)`` exact for every stored code ``u < 2**bits``, so ONNX Runtime's
+    ``MatMulNBits`` with the float zero point ``(2**bits - 1) / 2`` (it computes
+    ``u * s - zp * s``) dequantizes to exactly the trained values.
+
+    Example:
+        >>> a = seq_alpha(torch.tensor(1.0 + 2.0 ** -23), 2)
+        >>> a.item() == 1.0, seq_alpha(torch.tensor(0.75), 2).item()
+        (True, 0.75)
+    """
+    a = clip.clamp_min(_eps(clip.dtype))
+    m, e = torch.frexp(a)                                     # a = m * 2**e, m in [0.5, 1)
+    keep = 2.0 ** (_mantissa_bits(a.dtype) + 1 - bits)       # significant bits kept
+    m = torch.floor(m * keep) / keep                          # exact: powers of two, floor
+    return torch.ldexp(m, e).to(a.dtype)
+
+
+def seq_scale(clip, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Scale of the odd ``seq`` codes: ``seq_alpha(clip) / 2**bits``, shaped like the scale.
+
+    Example:
+        >>> seq_scale(torch.tensor([[2.0]]), torch.zeros(1, 3), QuantSpec.weight(2, method="seq")).tolist()
+        [[0.5]]
+    """
+    c = _as_clip(clip, x, spec).expand(_scale_shape(x, spec))
+    return (seq_alpha(c, spec.bits) / 2 ** spec.bits).clone()
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec,
              zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes ``clamp(round(x / scale) [+ zero_point], qmin, qmax)``, shape of ``x``.
@@ -369,6 +471,12 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec,
         [127, 2, 4, -127]
     """
     v = _view(x.detach(), spec)
+    if spec.method == "seq":
+        # Odd codes 2c + 1, c = round((x/s - 1) / 2) in [-2**(b-1), 2**(b-1) - 1]: ParetoQ's
+        # round(clamp(x/alpha) * 2**(b-1) - 1/2) with s = alpha / 2**b (exact powers of two).
+        n = 2 ** (spec.bits - 1)
+        c = torch.clamp(torch.round((v / scale - 1) / 2), -n, n - 1)
+        return (2 * c + 1).to(torch.int8).reshape(x.shape)
     q = torch.round(v / scale)
     if not spec.symmetric:
         if zero_point is None:
@@ -415,10 +523,19 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch.
     """
     if not spec.symmetric:
         raise ValueError("quantize_weight() is for symmetric specs; use activation_qparams() + quantize()")
+    if spec.method == "seq":
+        # The clamp is the code range itself (values beyond alpha take the outer level).
+        if clip is None:
+            raise ValueError("method 'seq' learns its range: pass clip (e.g. init_weight_clip(w, spec))")
+        scale = seq_scale(clip, w, spec)
+        return quantize(w, scale, spec), scale
     x = w.detach() if clip is None else _clamp(w.detach(), clip, spec)
     if spec.method == "ternary":
         alpha, codes = ternary_scale_and_codes(x, spec.granularity, spec.group_size)
         return codes, alpha
+    if spec.method == "tbt":
+        scale = tbt_scale(x, spec)
+        return quantize(x, scale, spec), scale
     scale = compute_scale(x, spec, clip=clip)
     return quantize(x, scale, spec), scale
 
@@ -470,8 +587,9 @@ class _FakeQuantSTE(torch.autograd.Function):
       is max|x| itself, so nothing is ever clipped; ternary passes the gradient through
       unchanged as TWN / TernaryBERT do (alpha gets no gradient).
     * with clip: the gradient wrt x is zero where |x| > clip (clipped) and passes where
-      |x| <= clip; the clip gets the PACT gradient (minmax) or LSQ gradient (lsq);
-      ternary clips are fixed (no gradient).
+      |x| <= clip; the clip gets the PACT gradient (minmax), LSQ gradient (lsq) or
+      ParetoQ's stretched-elastic gradient (seq); ternary and tbt clips are fixed (no
+      gradient).
     """
 
     @staticmethod
@@ -491,11 +609,19 @@ class _FakeQuantSTE(torch.autograd.Function):
         inside = v.abs() <= c
         grad_x = torch.where(inside, gv, torch.zeros_like(gv)).reshape(x.shape)
         grad_clip = None
-        if ctx.needs_input_grad[1] and spec.method != "ternary":
+        if ctx.needs_input_grad[1] and spec.method in ("minmax", "lsq", "seq"):
             sign = torch.sign(v)
             if spec.method == "minmax":
                 # PACT: y = clip * sign(x) outside the range, independent of clip inside.
                 d = torch.where(inside, torch.zeros_like(v), sign)
+            elif spec.method == "seq":
+                # ParetoQ: y = alpha * L(x/alpha) with levels L = code / 2**b; dy/dalpha =
+                # L - x/alpha inside (straight through L), L = +-(2**b - 1) / 2**b outside;
+                # LSQ's gradient scale 1 / sqrt(N * max(2**(b-1) - 1, 1)).
+                s = seq_scale(clip, x, spec)
+                level = _view(quantize(x, s, spec), spec).to(v.dtype) / 2 ** spec.bits
+                d = torch.where(inside, level - v / (s * 2 ** spec.bits), sign * (spec.qmax / 2 ** spec.bits))
+                d = d / math.sqrt(v.numel() / c.numel() * max(2 ** (spec.bits - 1) - 1, 1))
             else:
                 # LSQ with step s = clip / qmax: dy/ds = round(x/s) - x/s inside and
                 # +-qmax outside; chain to clip (/ qmax) and apply LSQ's gradient scale
@@ -531,8 +657,8 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         >>> x.grad.tolist(), clip.grad.item()
         ([1.0, 0.0, 0.0], 2.0)
     """
-    if clip is None and spec.method == "lsq":
-        raise ValueError("method 'lsq' learns its range: pass clip (e.g. initialised to max|x|)")
+    if clip is None and spec.learned:
+        raise ValueError(f"method '{spec.method}' learns its range: pass clip (e.g. init_weight_clip(w, spec))")
     if clip is not None and not spec.symmetric:
         raise ValueError("asymmetric activation quantization is dynamic: clip is not supported")
     if clip is not None and not isinstance(clip, torch.Tensor):

@@ -35,7 +35,7 @@ class QuantScheme:
     a_bits: int | None = 8
     weight_granularity: str = "row"       # tensor | row | group (groups of input columns)
     weight_group_size: int | None = None
-    weight_method: str | None = None      # None: ternary for 2 bits, min-max otherwise
+    weight_method: str | None = None      # None: ternary for 2 bits, min-max otherwise; or lsq, seq, tbt
     act_symmetric: bool = True
     act_clip: str = "dynamic"             # dynamic max|x| (per token/tensor), or a learned PACT clip
     act_granularity: str = "token"        # token: one dynamic range per row (batch-independent) | tensor

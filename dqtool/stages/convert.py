@@ -14,7 +14,8 @@
    per-tensor scheme and the footprint.
 
 The packed folder's files, detection, loading (:func:`~dqtool.formats.packed.load_packed`) and integrity check are
-:mod:`dqtool.formats.packed`'s.
+:mod:`dqtool.formats.packed`'s. Learned weight ranges (lsq / seq) are not stored there: the
+packed scales hold them.
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
         r = convert("runs/qat-2-2-8", "runs/packed-2-2-8")
         r.footprint["ratio_to_teacher"]   # e.g. 16.3
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from dqtool.formats.hf import describe_source, fp32_bytes
     from dqtool.formats.qat import QSTATE_FILE, SCHEME_FILE, is_qat_folder, load_qat
     from dqtool.model.packed import pack_model, skipped_float_keys
+    from dqtool.model.qmodules import activation_quantizer_state
     from dqtool.model.registry import spec_for
 
     cfg = cfg or ConvertConfig()
@@ -174,7 +176,9 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     qat_manifest = read_manifest(src)
     scheme = model.dqtool_scheme
     qpath = src / QSTATE_FILE
-    qstate = load_file(str(qpath)) if qpath.is_file() else {}
+    # Learned weight ranges (lsq / seq) are baked into the packed scales; the packed folder
+    # keeps only the activation quantizers' state.
+    qstate = activation_quantizer_state(load_file(str(qpath))) if qpath.is_file() else {}
     packed, layout, floats = pack_model(model)
     fdtype, stored, check, tried = _choose_float_dtype(model, packed, layout, floats, qstate, cfg)
 
@@ -194,7 +198,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         if qstate:
-            shutil.copy2(qpath, tmp / QSTATE_FILE)
+            save_file({k: v.contiguous() for k, v in qstate.items()}, str(tmp / QSTATE_FILE))
         if tok is not None:
             tok.save_pretrained(tmp)
         weights = (tmp / PACKED_FILE).stat().st_size

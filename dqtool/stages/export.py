@@ -171,6 +171,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
     """
     from dqtool.model.packed import PackedEmbedding, PackedLinear
     from dqtool.model.registry import runs_per_token, spec_for
+    from dqtool.qmath.pack import ODD_CODE_METHODS
 
     arch = spec_for(model.config)
     per_token_weights = sum(m.in_features * m.out_features for n, m in model.named_modules()
@@ -228,7 +229,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                                  out_features=mod.out_features, a_bits=aspec.bits if aspec else None,
                                  a_symmetric=aspec.symmetric if aspec else True, clip=clip,
                                  a_granularity=aspec.granularity if aspec else "token", block_size=block,
-                                 accuracy_level=cfg.accuracy_level)
+                                 accuracy_level=cfg.accuracy_level, odd_codes=spec.method in ODD_CODE_METHODS)
     return plans
 
 
