@@ -41,7 +41,7 @@ from dqtool.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
-               "quantize_attention")
+               "act_block_size", "quantize_attention")
 LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_enc_last", "logits_loss",
              "temperature")
 DISTILL_KEYS = ("encoder_layers", "decoder_layers", "layer_map", "encoder_map", "decoder_map")
@@ -140,6 +140,7 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
     scheme_kw = dict(weight_granularity=skw.get("weight_granularity", "row"), weight_group_size=skw.get("group_size"),
                      act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
                      act_granularity=skw.get("act_granularity", "token"),
+                     act_block_size=skw.get("act_block_size"),
                      quantize_attention=skw.get("quantize_attention", True))
     qats = {}
     for wea in schemes:
