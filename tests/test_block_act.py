@@ -2,6 +2,7 @@
 quantizer (accuracy_level 4), so the exported decoder Linears are the one MatMulNBits node
 each, and the export generates the packed runtime's tokens."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from dqtool.qmodules import prepare
 from dqtool.quant import QuantSpec, fake_quant, fake_quant_activation, quantize_activation_block
 from dqtool.scheme import QuantScheme
 from tiny import tiny_config, tiny_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 def mlas_quantize_a(x: np.ndarray, block: int) -> np.ndarray:
@@ -196,3 +199,27 @@ def test_block_export_writes_the_quantizer_in_graph_where_the_kernel_computes_in
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
     assert nbits and all(producers[n.input[0]].op_type == "Reshape" for n in nbits)   # in-graph quantizer
     assert r.check["argmax_equal"] and r.check["decoder_logits_rel"] < 1e-3, r.check
+
+
+def test_lut_gemm_session_option_is_wired(tmp_path):
+    """``export --lut-gemm`` is recorded in export.json; the runtime's sessions then set
+    mlas.use_lut_gemm, which switches an eligible 2-bit MatMulNBits to the LUT kernel (its
+    output then differs from the int8 acc-4 kernel's: its own activation rounding)."""
+    import json
+
+    import onnxruntime as ort
+
+    from dqtool.ort_runtime import LUT_GEMM_CONFIG, lut_gemm_of, session_options
+    from nbits_kernels import nbits_graph
+
+    assert session_options(1, lut_gemm=True).get_session_config_entry(LUT_GEMM_CONFIG) == "1"
+    assert not lut_gemm_of(tmp_path)
+    (tmp_path / "export.json").write_text(json.dumps({"session_options": {"use_lut_gemm": True}}))
+    assert lut_gemm_of(tmp_path)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, (128, 128)).astype(np.int8)
+    model = nbits_graph(codes, np.full((128, 4), 0.02, np.float32), 2, 32).SerializeToString()
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    ys = [ort.InferenceSession(model, session_options(1, lut_gemm=lut), providers=["CPUExecutionProvider"])
+          .run(None, {"A": x})[0] for lut in (False, True)]
+    assert not np.array_equal(ys[0], ys[1]) and np.abs(ys[0] - ys[1]).max() < 0.05 * np.abs(ys[0]).max()
