@@ -91,6 +91,14 @@ def main() -> None:
                 row["error"] = str(e)
                 rows.append(row)
                 continue
+            import onnx
+
+            from dqtool.export import DECODER_FILE, _all_graphs
+
+            m = onnx.load(str(root / "onnx" / DECODER_FILE), load_external_data=False)
+            nodes = [n for g in _all_graphs(m.graph) for n in g.node]
+            row["decoder_nodes"] = len(nodes)
+            row["decoder_matmul_nodes"] = sum(n.op_type in ("MatMulNBits", "MatMulInteger") for n in nodes)
             row.update(paths=r.paths, max_dlogit=r.check["decoder_logits_max_abs"],
                        rel_dlogit=r.check["decoder_logits_rel"], argmax_agreement=r.check["argmax_agreement"])
             ref, _ = load_packed(packed)
@@ -109,14 +117,17 @@ def main() -> None:
     lines = ["# Export exactness per activation scheme (tiny BART, random weights)", "",
              f"d_model {D_MODEL}, 2+2 layers; ORT (CPU) vs dqtool's packed PyTorch runtime. max |dlogit|: "
              "teacher-forced, 4 x 16 positions; greedy: 16 sources x 24 tokens.", "",
-             "| scheme | W-E-A | Linears (integer / nbits) | max abs dlogit | rel | argmax agreement | greedy rows equal |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "Decoder nodes: all nodes of decoder_model_merged.onnx (both If branches, so each Linear counts "
+             "twice) and how many of them are quantized matmuls.", "",
+             "| scheme | W-E-A | Linears (integer / nbits) | decoder nodes (quantized matmuls) | max abs dlogit | rel | "
+             "argmax agreement | greedy rows equal |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['scheme']} | {r['wea']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['scheme']} | {r['wea']} | error: {r['error'][:80]} | | | | | |")
             continue
         lines.append(f"| {r['scheme']} | {r['wea']} | {r['paths']['integer']} / {r['paths']['nbits']} | "
-                     f"{r['max_dlogit']:.2e} | {r['rel_dlogit']:.1e} | {r['argmax_agreement']:.3f} | "
+                     f"{r['decoder_nodes']} ({r['decoder_matmul_nodes']}) | {r['max_dlogit']:.2e} | {r['rel_dlogit']:.1e} | {r['argmax_agreement']:.3f} | "
                      f"{r['greedy_rows_equal']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')}")
