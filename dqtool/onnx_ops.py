@@ -224,7 +224,7 @@ def _integer_matmul(g, q, w, zp, plan: LinearPlan):
 def kernel_int8_compute(bits: int, block_size: int) -> bool:
     """Whether onnxruntime's MatMulNBits at ``accuracy_level=4`` really computes in int8 (and so
     quantizes its input A per row and block) for these weights. Measured on onnxruntime 1.32
-    (x86-64, AVX-512 VNNI; ``benchmarks/nbits_kernels.py``): 2-bit weights in blocks of 16 fall
+    (x86-64, AVX-512 VNNI; ``tests/test_block_act.py`` checks it): 2-bit weights in blocks of 16 fall
     back to float compute (A is used as is); every other 2/4/8-bit block size quantizes A.
 
     Example:
