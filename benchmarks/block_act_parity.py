@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from dqtool.convert import ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.export import ExportConfig, export
-from dqtool.manifest import write_manifest
-from dqtool.ort_runtime import load_onnx
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.stages.export import ExportConfig, export
+from dqtool.formats.manifest import write_manifest
+from dqtool.runtimes.ort import load_onnx
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL = 64
@@ -70,7 +71,7 @@ def tiny_packed(root: Path, wea: str, overrides: dict) -> Path:
     scheme = QuantScheme.from_wea(wea, **overrides)
     prepare(model, scheme)
     (root / "qat").mkdir(parents=True)
-    _save_qat(model, tiny_tokenizer(), root / "qat", scheme)
+    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
     write_manifest(root / "qat", "qat", inputs={}, config={})
     convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
     return root / "packed"
@@ -93,7 +94,7 @@ def main() -> None:
                 continue
             import onnx
 
-            from dqtool.export import DECODER_FILE, _all_graphs
+            from dqtool.stages.export import DECODER_FILE, _all_graphs
 
             m = onnx.load(str(root / "onnx" / DECODER_FILE), load_external_data=False)
             nodes = [n for g in _all_graphs(m.graph) for n in g.node]

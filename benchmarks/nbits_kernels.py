@@ -36,9 +36,9 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from dqtool.bench import cpu_features, machine
-from dqtool.ort_runtime import LUT_GEMM_CONFIG
-from dqtool.quant import QuantSpec, fake_quant
+from dqtool.stages.bench.stage import cpu_features, machine
+from dqtool.runtimes.ort import LUT_GEMM_CONFIG
+from dqtool.qmath.quant import QuantSpec, fake_quant
 
 REPO = Path(__file__).resolve().parents[1]
 # BART-base decoder Linears (K, N): self/cross q,k,v,out 768x768, fc1 768->3072, fc2 3072->768,

@@ -10,14 +10,15 @@ import onnx
 import pytest
 import torch
 
-from dqtool.convert import ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
-from dqtool.manifest import write_manifest
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.quant import QuantSpec, fake_quant, fake_quant_activation, quantize_activation_block
-from dqtool.scheme import QuantScheme
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
+from dqtool.formats.manifest import write_manifest
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.quant import QuantSpec, fake_quant, fake_quant_activation, quantize_activation_block
+from dqtool.qmath.scheme import QuantScheme
 from tiny import tiny_config, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -75,7 +76,7 @@ def test_block_quantizer_matches_onnxruntime_matmulnbits():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from dqtool.onnx_ops import kernel_int8_compute
+    from dqtool.qmath.onnx_ops import kernel_int8_compute
 
     k = 128
     rng = np.random.default_rng(0)
@@ -139,7 +140,7 @@ def _packed(root: Path, wea: str, d_model: int, block: int) -> Path:
     scheme = QuantScheme.from_wea(wea, act_granularity="block", act_block_size=block)
     prepare(model, scheme)
     (root / "qat").mkdir(parents=True)
-    _save_qat(model, tiny_tokenizer(), root / "qat", scheme)
+    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
     write_manifest(root / "qat", "qat", inputs={}, config={})
     convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
     return root / "packed"
@@ -155,7 +156,7 @@ def _decoder_nodes(folder: Path):
 
 @pytest.mark.parametrize("wea,d_model,block", [("2-2-8", 32, 32), ("4-8-8", 16, 16)])
 def test_block_export_is_only_matmulnbits_and_generates_packed_tokens(tmp_path, wea, d_model, block):
-    from dqtool.ort_runtime import load_onnx
+    from dqtool.runtimes.ort import load_onnx
 
     packed = _packed(tmp_path, wea, d_model, block)
     r = export(packed, tmp_path / "onnx", ExportConfig())
@@ -209,7 +210,7 @@ def test_lut_gemm_session_option_is_wired(tmp_path):
 
     import onnxruntime as ort
 
-    from dqtool.ort_runtime import LUT_GEMM_CONFIG, lut_gemm_of, session_options
+    from dqtool.runtimes.ort import LUT_GEMM_CONFIG, lut_gemm_of, session_options
     from nbits_kernels import nbits_graph
 
     assert session_options(1, lut_gemm=True).get_session_config_entry(LUT_GEMM_CONFIG) == "1"
