@@ -45,8 +45,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/speed_bart_base"))
     ap.add_argument("--student", default="6-3")
     ap.add_argument("--wea", default="2-2-8")
-    ap.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
-                    help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix)")
+    ap.add_argument("--act-granularity", default="token", choices=["token", "tensor", "block"],
+                    help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix); "
+                         "block: MatMulNBits' own input quantizer (symmetric, every Linear MatMulNBits)")
+    ap.add_argument("--lut-gemm", action="store_true", help="export with onnxruntime's LUT kernel for 2-bit Linears")
     ap.add_argument("--act-symmetric", action="store_true", help="symmetric activation codes (default asymmetric)")
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="more dqtool ONNX folders to measure in the same run (e.g. the other granularity)")
@@ -73,9 +75,11 @@ def main() -> None:
     student = w / f"student-{enc}-{dec}"
     if not student.exists():
         distill(teacher, student, DistillConfig(encoder_layers=enc, decoder_layers=dec))
+    if args.act_granularity == "block":
+        args.act_symmetric = True          # MatMulNBits' int8 input quantizer is symmetric
     scheme = QuantScheme.from_wea(args.wea, act_symmetric=args.act_symmetric, quantize_attention=False,
                                   act_granularity=args.act_granularity)
-    tag = f"{args.student}-{args.wea}" + ("-token" if args.act_granularity == "token" else "") \
+    tag = f"{args.student}-{args.wea}" + ({"token": "-token", "block": "-block"}.get(args.act_granularity, "")) \
         + ("-sym" if args.act_symmetric else "")
     qat_dir = w / f"qat-{tag}"
     if not qat_dir.exists():
@@ -87,9 +91,9 @@ def main() -> None:
     packed = w / f"packed-{tag}"
     if not packed.exists():
         convert(qat_dir, packed, ConvertConfig(float_dtype="float32", teacher=str(teacher), check_samples=2))
-    onnx = w / f"onnx-{tag}"
+    onnx = w / (f"onnx-{tag}" + ("-lut" if args.lut_gemm else ""))
     if not onnx.exists():
-        export(packed, onnx, ExportConfig())
+        export(packed, onnx, ExportConfig(lut_gemm=args.lut_gemm))
     cfg = BenchConfig(source_tokens=args.source_tokens, new_tokens=args.new_tokens, runs=args.runs, warmup=2,
                       threads=args.threads, teacher=str(teacher), student=str(student),
                       peers=tuple(p for p in args.peers.split(",") if p))

@@ -156,9 +156,12 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
               help="Activation range: the dynamic max|x| (per token or per tensor, see --act-granularity) or a "
                    "learned PACT clip per quantizer.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric (zero-point) activation quantization.")
-@click.option("--act-granularity", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
-              help="Dynamic activation range per token (a row's result never depends on its batch) or per "
-                   "tensor (DQ-BART's per-batch range).")
+@click.option("--act-granularity", type=click.Choice(["token", "tensor", "block"]), default="token", show_default=True,
+              help="Dynamic activation range per token (a row's result never depends on its batch), per "
+                   "tensor (DQ-BART's per-batch range), or per row and block of K inputs: ONNX Runtime "
+                   "MatMulNBits' own int8 input quantizer (A 8; the export then needs no quantize ops).")
+@click.option("--act-block-size", type=int, default=None,
+              help="Inputs per activation scale with --act-granularity block (default: --group-size, else 32).")
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
 @click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
 @click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
@@ -197,7 +200,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
 def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
-        act_granularity, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+        act_granularity, act_block_size, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
 
@@ -210,7 +213,8 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight
 
     scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
                                   weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
-                                  act_granularity=act_granularity, quantize_attention=not no_attention_quant)
+                                  act_granularity=act_granularity, act_block_size=act_block_size,
+                                  quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
@@ -266,19 +270,23 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force)
               help="Quantized Linear op: integer = MatMulInteger on int8 activation codes (bit-faithful, fast for many "
                    "rows), nbits = MatMulNBits (weight-only / group-wise schemes), auto = integer where the scheme "
                    "quantizes activations with per-row or per-tensor weight scales, else nbits.")
+@click.option("--lut-gemm", is_flag=True, default=False,
+              help="Run eligible 2-bit MatMulNBits with onnxruntime's lookup-table (T-MAC) kernel "
+                   "(session option mlas.use_lut_gemm, recorded in export.json; its own activation rounding).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
 @click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def export(packed, out, matmul, accuracy_level, rtol, force):
+def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
     """
     from dqtool.stages.export import ExportConfig, export as run_export
 
-    r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol),
+    r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
+                                                       lut_gemm=lut_gemm),
                    force=force)
     c, s = r.check, r.sizes
     click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "
@@ -328,7 +336,7 @@ def _finish_gates(results: list[dict]) -> None:
 @click.option("--max-length", type=int, default=32, show_default=True, help="Quality: generated tokens (greedy).")
 @click.option("--source-tokens", type=int, default=64, show_default=True, help="Latency: source length in tokens.")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Latency: greedy tokens generated.")
-@click.option("--batch-sizes", default="1", show_default=True, help="Latency batch sizes, comma-separated.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Latency batch sizes, comma-separated.")
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up runs.")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch and ONNX Runtime.")

@@ -46,11 +46,11 @@ from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "weight_method", "act_clip", "act_asymmetric", "act_granularity",
-               "quantize_attention")
+               "act_block_size", "quantize_attention")
 # Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
 # fields under the names the CLI flags use (so a recipe reads like the command line).
 SCHEME_FIELDS = {"weight_granularity": "weight_granularity", "group_size": "weight_group_size",
-                 "act_clip": "act_clip", "act_granularity": "act_granularity",
+                 "act_clip": "act_clip", "act_granularity": "act_granularity", "act_block_size": "act_block_size",
                  "quantize_attention": "quantize_attention"}  # act_asymmetric: the negation of act_symmetric
 LOSS_FIELDS = {"loss_task": "task", "loss_logits": "logits", "loss_hidden": "hidden", "loss_attention": "attention",
                "loss_enc_last": "enc_last", "logits_loss": "logits_kind", "temperature": "temperature"}

@@ -175,6 +175,14 @@ def test_bench_cli_on_folders(done, tmp_path):
     rep = json.loads((out / "bench.json").read_text())
     assert [row["kind"] for row in rep["rows"]] == ["onnx", "packed"]
     assert set(rep["rows"][0]["latency"]) == {"1", "2"} and rep["rows"][0]["quality"] is None
+    # The report states the kernels each ONNX graph runs, the CPU features and tokens/s per batch.
+    kern = rep["rows"][0]["kernels"]
+    assert kern["lut_gemm"] is False and sum(kern["decoder_model_merged.onnx"]["ops"].values()) > 0
+    assert "kernels" not in rep["rows"][1]                                  # packed: no ONNX graph
+    assert isinstance(rep["machine"]["cpu_features"], list)
+    assert all(rep["rows"][0]["latency"][b]["tokens_per_s"] > 0 for b in ("1", "2"))
+    md = (out / "bench.md").read_text()
+    assert "CPU features" in md and "batch 2 end to end" in md and "ONNX Runtime kernels" in md
     r = CliRunner().invoke(main, ["bench", str(tmp_path / "nope"), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "not found" in r.output
 

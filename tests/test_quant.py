@@ -271,7 +271,7 @@ def test_per_token_activation_ignores_the_rest_of_the_batch(symmetric):
 def test_token_granularity_is_for_activations():
     with pytest.raises(DQToolError, match="granularity 'token' is for activations"):
         QuantSpec.weight(4, "token")
-    with pytest.raises(DQToolError, match="choose token or tensor"):
+    with pytest.raises(DQToolError, match="choose token, tensor or block"):
         QuantSpec.activation(8, granularity="row")
 
 

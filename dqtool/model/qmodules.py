@@ -185,6 +185,10 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
             from dqtool.qmath.quant import validate_width
 
             validate_width(wspec, lin.in_features, name)
+        if aspec is not None and aspec.granularity == "block":
+            from dqtool.qmath.quant import validate_width
+
+            validate_width(aspec, lin.in_features, name)
         _set_module(model, name, QuantLinear(lin, wspec, aspec, learned))
     emb = get_module(model, spec.token_embedding)
     tied = spec.lm_head_tied(model.config)
@@ -192,12 +196,16 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
         _set_module(model, path, QuantEmbedding(get_module(model, path), espec))
     head = get_module(model, spec.lm_head)
     assert (head.weight is emb.weight) == tied, "registry tie flag disagrees with the model"
+    if aspec is not None and aspec.granularity == "block":
+        from dqtool.qmath.quant import validate_width
+
+        validate_width(aspec, head.in_features, spec.lm_head)
     _set_module(model, spec.lm_head, QuantLinear(head, espec if tied else wspec, aspec, learned))
     if scheme.quantize_attention and aspec is not None and spec.attention_interface:
         _register_attention()
         for mod in model.modules():
             if hasattr(mod, "q_proj") and hasattr(mod, "out_proj"):
-                mod.dqtool_act = _ActQuant(aspec, learned)
+                mod.dqtool_act = _ActQuant(scheme.attention_activation_spec(), learned)
         model.config._attn_implementation = ATTN_IMPL
     model.dqtool_scheme = scheme
     return model

@@ -158,9 +158,26 @@ def _act_codes(g, x, plan: LinearPlan):
     return u, s, _const(g, 128, torch.uint8)
 
 
+def _block_fake_quant_act(g, x, plan: LinearPlan):
+    """MatMulNBits' own int8 input quantizer written as float ops (for ``accuracy_level=0``, or
+    a block the kernel computes in float): per row and block of ``block_size`` inputs,
+    ``round(x * (127 / m)) * (m / 127)`` with ``m = max|x|`` (0 where ``m == 0``), as
+    :func:`dqtool.quant.quantize_activation_block`."""
+    f32 = torch.float32
+    xb = g.op("Reshape", x, _const(g, [-1, plan.block_size], torch.int64))          # [rows * K/B, B]
+    m = g.op("ReduceMax", g.op("Abs", xb), _const(g, [-1], torch.int64), keepdims_i=1)
+    qmax = _const(g, 127.0, f32)
+    s = g.op("Div", m, qmax)
+    inv = g.op("Where", g.op("Equal", m, _const(g, 0.0, f32)), _const(g, 0.0, f32), g.op("Div", qmax, m))
+    v = g.op("Mul", g.op("Round", g.op("Mul", xb, inv)), s)
+    return g.op("Reshape", v, g.op("Shape", x))
+
+
 def _fake_quant_act(g, x, plan: LinearPlan):
     """The activation's dequantized value ``(codes - zero point) * scale`` (float ops only,
     no integer casts: the input of MatMulNBits)."""
+    if plan.a_granularity == "block":
+        return _block_fake_quant_act(g, x, plan)
     if not plan.a_symmetric and not _token_zero_points(plan):
         return g.op("DequantizeLinear", *g.op("DynamicQuantizeLinear", x, outputs=3))
     r, s, zp = _act_grid(g, x, plan)
@@ -223,15 +240,36 @@ def _integer_matmul(g, q, w, zp, plan: LinearPlan):
     return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
 
 
+def kernel_int8_compute(bits: int, block_size: int) -> bool:
+    """Whether onnxruntime's MatMulNBits at ``accuracy_level=4`` really computes in int8 (and so
+    quantizes its input A per row and block) for these weights. Measured on onnxruntime 1.32
+    (x86-64, AVX-512 VNNI; ``tests/test_block_act.py`` checks it): 2-bit weights in blocks of 16 fall
+    back to float compute (A is used as is); every other 2/4/8-bit block size quantizes A.
+
+    Example:
+        >>> kernel_int8_compute(2, 16), kernel_int8_compute(2, 32), kernel_int8_compute(4, 16)
+        (False, True, True)
+    """
+    return not (bits == 2 and block_size < 32)
+
+
 def kernel_quantizes_input(plan: LinearPlan) -> bool:
     """True when MatMulNBits quantizes the float input itself and the graph need not:
     8-bit dynamic activations at ``accuracy_level=4``, where ORT's kernel rounds A to int8
-    per row and block of ``block_size`` inputs -- a finer grid than training's per-token
-    (or per-tensor) range, so fake-quantizing first would only add a second rounding and
-    a dozen small ops per Linear per generated token."""
+    per row and block of ``block_size`` inputs.
+
+    * activation granularity ``block`` (the block of the plan): this *is* training's
+      quantizer (:func:`dqtool.quant.quantize_activation_block`), so the graph is the one
+      MatMulNBits node and exact up to float sums;
+    * per token / per tensor: the kernel's grid is finer than training's, so
+      fake-quantizing first would only add a second rounding and a dozen small ops per
+      Linear per generated token (an approximation: measure it with the export check).
+    """
     # (Not with float zero points -- seq weights --, which ORT runs in float at any level.)
-    return plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0 \
-        and not plan.odd_codes
+    if not (plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0
+            and not plan.odd_codes):
+        return False
+    return kernel_int8_compute(plan.bits, plan.block_size) or plan.a_granularity != "block"
 
 
 class _QLinearFn(torch.autograd.Function):

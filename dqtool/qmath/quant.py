@@ -53,6 +53,11 @@ integer runtime computes the same values. Per token, a sequence's codes never de
 the other rows of its batch or on padding, and teacher-forced training sees the same
 ranges as one-token-at-a-time decoding.
 
+Granularity ``block`` is ONNX Runtime's own input quantizer of ``MatMulNBits`` at
+``accuracy_level=4`` (int8, one scale per row and block of K, see
+:func:`quantize_activation_block`): trained with it, a decoder Linear exports as the one
+MatMulNBits node with no quantize ops around it, and the export is exact up to float sums.
+
 Rounding is ``torch.round``: round half to even (2.5 -> 2, 3.5 -> 4), as ONNX
 ``QuantizeLinear`` does.
 """
@@ -68,7 +73,11 @@ from dqtool.base.errors import DQToolError
 
 BITS = (8, 4, 3, 2)
 GRANULARITIES = ("tensor", "row", "group")         # weights and embeddings
-ACT_GRANULARITIES = ("token", "tensor")  # activations: one range per row of the last dim, or one
+ACT_GRANULARITIES = ("token", "tensor", "block")  # activations: per row of the last dim, one, or per block of a row
+# MLAS's int8 input quantizer of MatMulNBits at accuracy_level 4 (granularity "block"): 8-bit
+# symmetric codes -127..127, one float scale max|x|/127 per row and block of K inputs.
+BLOCK_ACT_BITS = 8
+BLOCK_ACT_QMAX = 127.0
 METHODS = ("minmax", "ternary", "lsq", "seq", "tbt")
 # Weight methods whose range is a learned tensor (a ``clip`` per scale slice).
 LEARNED_METHODS = ("lsq", "seq")
@@ -143,14 +152,19 @@ class QuantSpec:
         if self.granularity not in allowed:
             why = "is for activations" if self.granularity == "token" else "is not supported"
             raise DQToolError(f"{role} granularity '{self.granularity}' {why}: choose {_join(allowed)}")
-        if self.granularity == "group":
+        if self.granularity in ("group", "block"):
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
-                raise DQToolError(
-                    f"{role} group_size must be a positive integer with granularity 'group', got {self.group_size}")
+                raise DQToolError(f"{role} group_size must be a positive integer with granularity "
+                                  f"'{self.granularity}', got {self.group_size}")
         elif self.group_size is not None:
             raise DQToolError(
-                f"{role} group_size {self.group_size} is only used with granularity 'group': "
-                f"drop group_size or choose granularity group")
+                f"{role} group_size {self.group_size} is only used with granularity 'group' (or 'block' for "
+                f"activations): drop group_size or choose granularity group")
+        if self.granularity == "block" and (self.bits != BLOCK_ACT_BITS or not self.symmetric
+                                            or self.method != "minmax"):
+            raise DQToolError(f"activation granularity 'block' is MatMulNBits' int8 input quantizer: it needs "
+                              f"A bits 8, symmetric, dynamic min-max (got {self.bits} bits, "
+                              f"symmetric={self.symmetric}, method {self.method})")
         if role == "activation":
             if self.method in ("ternary", "seq", "tbt"):
                 raise DQToolError(f"activation method '{self.method}' is not supported: choose minmax or lsq")
@@ -179,7 +193,7 @@ class QuantSpec:
 
     @classmethod
     def activation(cls, bits: int, symmetric: bool = True, method: str = "minmax",
-                   granularity: str = "token") -> "QuantSpec":
+                   granularity: str = "token", block_size: int | None = None) -> "QuantSpec":
         """An activation spec: dynamic min-max per token (or ``granularity="tensor"``)
         unless a clip is learned (a learned clip is one range for every token).
 
@@ -189,7 +203,8 @@ class QuantSpec:
             >>> QuantSpec.activation(8, granularity="tensor").granularity
             'tensor'
         """
-        return cls(bits=bits, granularity=granularity, method=method, symmetric=symmetric, role="activation")
+        return cls(bits=bits, granularity=granularity, group_size=block_size, method=method, symmetric=symmetric,
+                   role="activation")
 
     @property
     def qmax(self) -> int:
@@ -235,7 +250,7 @@ def validate_width(spec: QuantSpec, in_features: int, name: str) -> None:
         ...
         dqtool.base.errors.DQToolError: group_size 64 does not divide the input width 100 of lm_head: choose ...
     """
-    if spec.granularity == "group" and in_features % spec.group_size != 0:
+    if spec.granularity in ("group", "block") and in_features % spec.group_size != 0:
         raise DQToolError(
             f"group_size {spec.group_size} does not divide the input width {in_features} of {name}: "
             f"choose a group_size that divides {in_features}")
@@ -280,10 +295,13 @@ def _view(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The view in which one scale covers one slice of the last dim.
 
     tensor: t as is (any shape), token: t as is (one scale per row of the last dim),
-    row: [out, in], group: [out, in] -> [out, in//G, G].
+    row: [out, in], group: [out, in] -> [out, in//G, G], block: [..., K] -> [..., K//B, B].
     """
     if spec.granularity in ("tensor", "token"):
         return t
+    if spec.granularity == "block":               # [..., K] -> [..., K//B, B]
+        validate_width(spec, t.shape[-1], f"an activation of shape {tuple(t.shape)}")
+        return t.reshape(*t.shape[:-1], t.shape[-1] // spec.group_size, spec.group_size)
     if t.dim() != 2:
         raise ValueError(f"granularity '{spec.granularity}' needs a 2-D weight [out, in], got {tuple(t.shape)}")
     if spec.granularity == "row":
@@ -344,6 +362,8 @@ def compute_scale(w: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         raise ValueError(f"{spec.method} scales come from quantize_weight(), not compute_scale()")
     if not spec.symmetric:
         raise ValueError("asymmetric scales come from activation_qparams(), not compute_scale()")
+    if spec.granularity == "block":
+        raise ValueError("block activation scales come from quantize_activation_block(), not compute_scale()")
     w = w.detach()
     if clip is not None:
         amax = _as_clip(clip, w, spec).expand(_scale_shape(w, spec))
@@ -569,10 +589,46 @@ def activation_qparams(x: torch.Tensor, bits: int, symmetric: bool = True,
     return scale, zero_point
 
 
+def quantize_activation_block(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8 [..., K], scale float32 [..., K//B, 1])``: ONNX Runtime's MatMulNBits input
+    quantizer at ``accuracy_level=4`` (MLAS ``QuantizeARow_CompInt8``), op for op.
+
+    Per row and block of ``B = spec.group_size`` inputs, in float32::
+
+        m     = max|x|                    (over the block)
+        scale = m / 127                   (stored; the kernel multiplies by it)
+        inv   = 127 / m, or 0 when m == 0 (the reciprocal: x is multiplied, never divided)
+        codes = round_half_even(x * inv)  (-127..127; the kernel's _MM_ROUND_NEAREST)
+
+    so the value ``codes * scale`` is what the kernel's int8 dot products compute with (up to
+    the order of the float sums). Multiplying by ``127 / m`` is not dividing by ``m / 127``:
+    the two differ in the last bit for some inputs and then round to different codes. An
+    all-zero block has scale 0 and codes 0. Inputs of other dtypes are quantized in float32.
+
+    Example:
+        >>> spec = QuantSpec.activation(8, granularity="block", block_size=2)
+        >>> codes, scale = quantize_activation_block(torch.tensor([[127.0, 2.5, 0.0, 0.0]]), spec)
+        >>> codes.tolist(), scale.flatten().tolist()
+        ([[127, 2, 0, 0]], [1.0, 0.0])
+    """
+    if spec.granularity != "block":
+        raise ValueError(f"quantize_activation_block() needs granularity 'block', got '{spec.granularity}'")
+    v = _view(x.detach().to(torch.float32), spec)                       # [..., K//B, B]
+    m = v.abs().amax(dim=-1, keepdim=True)
+    qmax = torch.tensor(BLOCK_ACT_QMAX, dtype=torch.float32, device=x.device)
+    scale = m / qmax
+    inv = torch.where(m != 0, qmax / torch.where(m != 0, m, torch.ones_like(m)), torch.zeros_like(m))
+    codes = torch.clamp(torch.round(v * inv), -BLOCK_ACT_QMAX, BLOCK_ACT_QMAX)   # (a no-op: |x * inv| <= 127)
+    return codes.to(torch.int8).reshape(x.shape), scale
+
+
 # --------------------------------------------------------------------------- fake quant
 
 def _fake_quant_value(x: torch.Tensor, spec: QuantSpec, clip) -> torch.Tensor:
     # The forward value, built only from the public quantize/dequantize path (the invariant).
+    if spec.granularity == "block":
+        codes, scale = quantize_activation_block(x, spec)
+        return dequantize(codes, scale, spec).to(x.dtype)
     if not spec.symmetric:
         scale, zero_point = activation_qparams(x, spec.bits, symmetric=False, granularity=spec.granularity)
         return dequantize(quantize(x, scale, spec, zero_point), scale, spec, zero_point)
@@ -661,13 +717,15 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         raise ValueError(f"method '{spec.method}' learns its range: pass clip (e.g. init_weight_clip(w, spec))")
     if clip is not None and not spec.symmetric:
         raise ValueError("asymmetric activation quantization is dynamic: clip is not supported")
+    if clip is not None and spec.granularity == "block":
+        raise ValueError("block activation quantization is dynamic (MatMulNBits' own): clip is not supported")
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = torch.tensor(float(clip), dtype=x.dtype, device=x.device)
     return _FakeQuantSTE.apply(x, clip, spec)
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None,
-                          granularity: str = "token") -> torch.Tensor:
+                          granularity: str = "token", block_size: int | None = None) -> torch.Tensor:
     """Activation fake quantization (per token, or per tensor): dynamic min-max, or PACT with a ``clip``.
 
     Asymmetric values are exactly what ``quantize`` + ``dequantize`` with
@@ -677,4 +735,5 @@ def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, cl
         >>> fake_quant_activation(torch.tensor([-1.0, 0.5, 2.0]), 2, symmetric=False).tolist()
         [-1.0, 0.0, 2.0]
     """
-    return fake_quant(x, QuantSpec.activation(bits, symmetric=symmetric, granularity=granularity), clip)
+    return fake_quant(x, QuantSpec.activation(bits, symmetric=symmetric, granularity=granularity,
+                                              block_size=block_size), clip)

@@ -16,6 +16,8 @@ from dqtool.qmath.quant import QuantSpec, parse_wea
 ACT_CLIPS = ("dynamic", "pact")
 # Folders written before act_granularity existed were trained with per-tensor ranges.
 LEGACY_ACT_GRANULARITY = "tensor"
+ACT_BLOCK_SIZES = (16, 32, 64, 128, 256)   # MatMulNBits block sizes
+DEFAULT_ACT_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class QuantScheme:
     act_symmetric: bool = True
     act_clip: str = "dynamic"             # dynamic max|x| (per token/tensor), or a learned PACT clip
     act_granularity: str = "token"        # token: one dynamic range per row (batch-independent) | tensor
+    #                                       | block: MatMulNBits' own int8 input quantizer (per row and block of K)
+    act_block_size: int | None = None     # block only: None = the weight group size, else 32
     quantize_attention: bool = True       # also the inputs of the attention matmuls (q.k, probs.v)
 
     def __post_init__(self):
@@ -46,6 +50,19 @@ class QuantScheme:
             raise DQToolError(f"act_clip '{self.act_clip}' is not supported: choose {' or '.join(ACT_CLIPS)}")
         if self.act_clip == "pact" and not self.act_symmetric:
             raise DQToolError("act_clip 'pact' needs act_symmetric true: asymmetric activations are dynamic")
+        if self.act_granularity != "block" and self.act_block_size is not None:
+            raise DQToolError(f"act_block_size {self.act_block_size} is only used with act_granularity 'block'")
+        if self.act_granularity == "block":
+            if self.act_clip != "dynamic":
+                raise DQToolError("act_granularity 'block' is dynamic (MatMulNBits quantizes its input itself): "
+                                  "choose act_clip dynamic")
+            b = self.resolved_act_block
+            if isinstance(b, bool) or b not in ACT_BLOCK_SIZES:
+                raise DQToolError(f"act_block_size {b} is not a MatMulNBits block size: choose "
+                                  f"{', '.join(map(str, ACT_BLOCK_SIZES))}")
+            if self.weight_granularity == "group" and b != self.weight_group_size:
+                raise DQToolError(f"act_block_size {b} differs from weight_group_size {self.weight_group_size}: "
+                                  f"MatMulNBits quantizes its input per weight block, so they must be equal")
         # Building the specs validates bits, granularity, group size and method.
         self.weight_spec()
         self.embedding_spec()
@@ -71,9 +88,27 @@ class QuantScheme:
         # row of the tied lm_head, so the same codes serve both uses.
         return None if self.e_bits is None else QuantSpec.weight(self.e_bits, "row", role="embedding")
 
+    @property
+    def resolved_act_block(self) -> int | None:
+        """The activation block of granularity ``block``: ``act_block_size``, else the weight
+        group size, else 32 (None for other granularities)."""
+        if self.act_granularity != "block":
+            return None
+        if self.act_block_size is not None:
+            return self.act_block_size
+        return self.weight_group_size if self.weight_granularity == "group" else DEFAULT_ACT_BLOCK
+
     def activation_spec(self) -> QuantSpec | None:
         return None if self.a_bits is None else QuantSpec.activation(
-            self.a_bits, symmetric=self.act_symmetric, granularity=self.act_granularity)
+            self.a_bits, symmetric=self.act_symmetric, granularity=self.act_granularity,
+            block_size=self.resolved_act_block)
+
+    def attention_activation_spec(self) -> QuantSpec | None:
+        """The inputs of the attention matmuls (q.k, probs.v): the activation spec, per token
+        when the Linears' is per block (their last dim, a head or a key length, is no K block)."""
+        if self.a_bits is None or self.act_granularity != "block":
+            return self.activation_spec()
+        return QuantSpec.activation(self.a_bits, symmetric=self.act_symmetric, granularity="token")
 
     def to_dict(self) -> dict:
         return asdict(self)

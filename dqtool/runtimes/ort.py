@@ -31,6 +31,7 @@ generation-config rules are :mod:`dqtool.runtimes.genconfig`'s and the searches
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -50,11 +51,26 @@ _PRESENT_RE = re.compile(r"^present\.(\d+)\.(decoder|encoder)\.(key|value)$")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
-def session_options(threads: int | None = None):
+LUT_GEMM_CONFIG = "mlas.use_lut_gemm"   # onnxruntime >= 1.32: T-MAC lookup-table kernel for 2-bit MatMulNBits
+
+
+def lut_gemm_of(folder: str | os.PathLike) -> bool:
+    """Whether ``dqtool export --lut-gemm`` asked for the lookup-table kernel (export.json)."""
+    f = Path(folder) / "export.json"
+    if not f.is_file():
+        return False
+    try:
+        return bool(json.loads(f.read_text()).get("session_options", {}).get("use_lut_gemm", False))
+    except (OSError, ValueError):
+        return False
+
+
+def session_options(threads: int | None = None, lut_gemm: bool = False):
     """ONNX Runtime session options used for every session here.
 
     All graph optimizations, ``threads`` intra-op threads (``None``: ONNX Runtime's default,
-    one per physical core), one inter-op thread, sequential execution.
+    one per physical core), one inter-op thread, sequential execution; ``lut_gemm`` turns on
+    onnxruntime's lookup-table kernel for eligible 2-bit MatMulNBits (``mlas.use_lut_gemm``).
 
     Example:
         >>> session_options(1).intra_op_num_threads
@@ -70,6 +86,10 @@ def session_options(threads: int | None = None):
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if lut_gemm:
+        # Opt-in T-MAC kernel: 2-bit MatMulNBits whose K and block are multiples of 32 and N of
+        # 128 run from activation lookup tables (its own, coarser, activation rounding).
+        so.add_session_config_entry(LUT_GEMM_CONFIG, "1")
     return so
 
 
@@ -187,7 +207,7 @@ class OnnxSeq2Seq:
         if not (p / "config.json").is_file():
             raise DQToolError(f"{p} has no config.json: export writes it next to the .onnx files; copy it from "
                               f"the source model folder")
-        so = session_options(threads)
+        so = session_options(threads, lut_gemm=lut_gemm_of(p))
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
 
         def session(name: str):

@@ -79,6 +79,10 @@ class ExportConfig:
     # Measured: d=128 demo (1.5M) 0.34 ms/token integer vs 0.56 nbits; BART-base 6-3
     # (66M) 2.86 nbits vs 4.86 integer, and 3.85 when only matrices >= 1M took nbits.
     nbits_min_weights: int = 8 << 20
+    # Opt-in: onnxruntime's lookup-table (T-MAC) kernel for eligible 2-bit MatMulNBits (K and
+    # block multiples of 32, N of 128), a session setting recorded in export.json. Its activation
+    # rounding is its own (not the block quantizer), so the check then tolerates nbits_rtol.
+    lut_gemm: bool = False
     check_samples: int = 4
     check_length: int = 16
     seed: int = 0
@@ -202,7 +206,10 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                               f"(DynamicQuantizeLinear is 8-bit): choose symmetric or per-token activations, "
                               f"or A bits 8")
         clip = float(mod.act.clip.detach()) if getattr(mod.act, "clip", None) is not None else 0.0
-        integer_ok = aspec is not None and spec.granularity != "group"
+        # Per-block activation scales (MatMulNBits' own input quantizer) vary along the
+        # reduction axis, which one MatMulInteger cannot rescale: those Linears take MatMulNBits.
+        block_act = aspec is not None and aspec.granularity == "block"
+        integer_ok = aspec is not None and spec.granularity != "group" and not block_act
         if cfg.matmul == "auto":
             # Many rows (encoder, cross-attention keys/values): MatMulInteger is several times
             # faster. One row per step (decoder, lm_head): MatMulNBits reads the packed 2/4-bit
@@ -215,12 +222,16 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
             path = cfg.matmul
         if path == INTEGER and not integer_ok:
             why = "the scheme leaves activations in float" if aspec is None else \
+                "per-block activation scales vary along the reduction axis" if block_act else \
                 "group-wise weight scales vary along the reduction axis"
             raise DQToolError(f"--matmul integer cannot export {name}: {why}; choose --matmul nbits or auto")
         block = 0
         if path == NBITS:
-            block = choose_block(spec, mod.in_features)
-            if not block:
+            block = aspec.group_size if block_act else choose_block(spec, mod.in_features)
+            if block_act and spec.granularity == "group" and spec.group_size != block:
+                raise DQToolError(f"{name}: activation block {block} differs from the weight group size "
+                                  f"{spec.group_size}: choose act_block_size equal to the group size")
+            if not block or block not in BLOCK_SIZES or mod.in_features % block:
                 raise DQToolError(
                     f"{name}: MatMulNBits needs a block size in {BLOCK_SIZES} dividing the input width "
                     f"{mod.in_features}" + (f" (group size {spec.group_size})" if spec.group_size else "")
@@ -395,11 +406,11 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
 
 # --------------------------------------------------------------------------- validation
 
-def _session(path: Path, threads: int | None = None):
+def _session(path: Path, threads: int | None = None, lut_gemm: bool = False):
     import onnxruntime as ort
 
     # The session options the runtime (dqtool eval / bench) uses: validation sees what users run.
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads, lut_gemm), providers=["CPUExecutionProvider"])
 
 
 def _decoder_feed(sess, past_shape, mask, enc_out, dec_ids):
@@ -436,18 +447,18 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
     ref = packed_model(input_ids=ids, attention_mask=mask, decoder_input_ids=gen, use_cache=True)
     k0 = ref.past_key_values.to_legacy_cache()[0][0]                # [B, H, T, Dh]
     past_shape = [k0.shape[0], k0.shape[1], 0, k0.shape[3]]
-    enc = _session(folder / ENCODER_FILE)
+    enc = _session(folder / ENCODER_FILE, lut_gemm=cfg.lut_gemm)
     enc_out = enc.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     ref_enc = ref.encoder_last_hidden_state.numpy()
     keep = mask.numpy().astype(bool)
     enc_diff = float(np.abs(enc_out - ref_enc)[keep].max())
-    dec = _session(folder / DECODER_FILE)
+    dec = _session(folder / DECODER_FILE, lut_gemm=cfg.lut_gemm)
     logits = dec.run(["logits"], _decoder_feed(dec, past_shape, mask.numpy(), enc_out, gen.numpy()))[0]
     ref_logits = ref.logits.numpy()
     dec_diff = float(np.abs(logits - ref_logits).max())
     agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).mean())
     tokens_equal = agree == 1.0
-    rtol = cfg.nbits_rtol if (nbits and cfg.accuracy_level == 4) else cfg.rtol
+    rtol = cfg.nbits_rtol if (nbits and (cfg.accuracy_level == 4 or cfg.lut_gemm)) else cfg.rtol
     scale = float(np.abs(ref_logits).max())
     enc_scale = float(np.abs(ref_enc).max())
     result = {"encoder_max_abs": enc_diff, "encoder_rel": enc_diff / max(enc_scale, 1e-12),
@@ -538,7 +549,8 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         sizes["packed_file_bytes"] = (packed_manifest.get("footprint") or {}).get("packed_file_bytes")
         (tmp / EXPORT_FILE).write_text(json.dumps(
             {"wea": wea, "opset": OPSET, "plans": {k: v.__dict__ for k, v in plans.items()},
-             "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL"}}, indent=1) + "\n")
+             "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "use_lut_gemm": cfg.lut_gemm}},
+            indent=1) + "\n")
         write_manifest(tmp, "export", inputs={"packed": describe_source(src),
                                               "packed_manifest_files": packed_manifest.get("files")},
                        config=cfg, extra={"wea": wea, "paths": counts, "check": check, "ops": ops,

@@ -45,7 +45,7 @@ class BenchConfig:
 
     Example:
         >>> BenchConfig(runs=5).batch_sizes
-        (1,)
+        (1, 8)
         >>> BenchConfig(runs=0)
         Traceback (most recent call last):
         ...
@@ -59,7 +59,7 @@ class BenchConfig:
     source_max_length: int = 128       # quality: source tokens kept
     source_tokens: int = 64            # latency: source length
     new_tokens: int = 32               # latency: generated tokens
-    batch_sizes: tuple[int, ...] = (1,)
+    batch_sizes: tuple[int, ...] = (1, 8)
     runs: int = 10
     warmup: int = 2
     threads: int = 2
@@ -167,6 +167,11 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
         else:
             row["decode_per_token"] = _stats([g / max(new, 1) for g in gen_t])
             row["decode_includes_encoder"] = True
+        # Throughput: generated tokens (all rows) per second, end to end and in the decode loop.
+        gen_med = row["generate"]["median_ms"] / 1000
+        row["tokens_per_s"] = round(batch * max(new or 0, 1) / gen_med, 1) if gen_med > 0 else None
+        dec_med = row["decode_per_token"]["median_ms"] / 1000
+        row["decode_tokens_per_s"] = round(batch / dec_med, 1) if dec_med > 0 else None
         out[str(batch)] = row
     return out
 
@@ -216,12 +221,68 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     row: dict[str, Any] = {"name": target.name, "role": target.role, "kind": target.kind, "path": target.path,
                            "notes": target.notes, "bytes": _bytes(target.files), "params": _param_count(model),
                            "load_seconds": round(time.perf_counter() - t0, 2)}
+    kernels = onnx_kernels(target.files)
+    if kernels:
+        row["kernels"] = kernels
     log(f"  {target.name}: {row['bytes']['total']:,} bytes; measuring latency")
     row["latency"] = measure_latency(target, model, tok, cfg)
     log(f"  {target.name}: quality")
     row["quality"] = measure_quality(model, tok, cfg)
     del model
     return row
+
+
+def onnx_kernels(files: list[Path]) -> dict | None:
+    """Which quantized matmul kernels the ONNX graphs among ``files`` run (None: no ONNX graph).
+
+    Per graph file: node counts of the matmul ops (MatMulNBits, MatMulInteger,
+    DynamicQuantizeMatMul, MatMulIntegerToFloat, MatMul), the MatMulNBits variants as
+    ``"<bits>b/block<B>/acc<level>": count``, and whether the session turns on the
+    lookup-table (T-MAC) kernel (``mlas.use_lut_gemm``, recorded by ``dqtool export --lut-gemm``).
+    """
+    graphs = [f for f in files if f.suffix == ".onnx"]
+    if not graphs:
+        return None
+    import onnx
+
+    out: dict[str, Any] = {}
+    for f in graphs:
+        m = onnx.load(str(f), load_external_data=False)
+        ops: dict[str, int] = {}
+        nbits: dict[str, int] = {}
+        stack = [m.graph]
+        while stack:
+            g = stack.pop()
+            for n in g.node:
+                stack.extend(a.g for a in n.attribute if a.HasField("g"))
+                stack.extend(sub for a in n.attribute for sub in a.graphs)
+                if n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+                                 "MatMul", "Gemm"):
+                    ops[n.op_type] = ops.get(n.op_type, 0) + 1
+                if n.op_type == "MatMulNBits":
+                    a = {x.name: x.i for x in n.attribute}
+                    key = f"{a.get('bits', 4)}b/block{a.get('block_size')}/acc{a.get('accuracy_level', 0)}"
+                    nbits[key] = nbits.get(key, 0) + 1
+        out[f.name] = {"ops": dict(sorted(ops.items())), "matmulnbits": dict(sorted(nbits.items()))}
+    from dqtool.runtimes.ort import lut_gemm_of
+
+    lut = lut_gemm_of(graphs[0].parent)
+    out["lut_gemm"] = lut
+    return out
+
+
+def cpu_features() -> list[str]:
+    """The CPU's SIMD features that decide ONNX Runtime's int8/low-bit kernels (from /proc/cpuinfo)."""
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+              "amx_int8", "amx_bf16", "asimddp", "i8mm", "sve")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                have = set(line.split(":", 1)[1].split())
+                return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
 
 
 # --------------------------------------------------------------------------- report
@@ -288,6 +349,27 @@ def markdown(report: dict) -> str:
                      f"{r.get('ratio_to_teacher_fp32') or ''} | {q.get('rouge1', '')} | {q.get('rouge2', '')} | "
                      f"{q.get('rougeL', '')} | {ms(r, 'encoder')} | {ms(r, 'decode_per_token')} | "
                      f"{ms(r, 'generate')} |")
+    lines += ["", f"CPU features: {', '.join(m.get('cpu_features') or []) or 'unknown'}.", "",
+              "## Throughput (generated tokens per second, all rows of the batch)", "",
+              "| model | " + " | ".join(f"batch {x} end to end | batch {x} decode" for x in c["batch_sizes"]) + " |",
+              "|---|" + "---:|---:|" * len(c["batch_sizes"])]
+    for r in report["rows"]:
+        cells = []
+        for x in c["batch_sizes"]:
+            cells += [str(_get(r, "latency", str(x), "tokens_per_s", default="")),
+                      str(_get(r, "latency", str(x), "decode_tokens_per_s", default=""))]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    kern = [r for r in report["rows"] if r.get("kernels")]
+    if kern:
+        lines += ["", "## ONNX Runtime kernels", "", "| model | graph | matmul ops | MatMulNBits (bits/block/accuracy) "
+                  "| LUT kernel |", "|---|---|---|---|---|"]
+        for r in kern:
+            for g, k in r["kernels"].items():
+                if g == "lut_gemm":
+                    continue
+                ops = ", ".join(f"{o} x{n}" for o, n in k["ops"].items())
+                nb = ", ".join(f"{o} x{n}" for o, n in k["matmulnbits"].items())
+                lines.append(f"| {r['name']} | {g} | {ops} | {nb} | {'on' if r['kernels']['lut_gemm'] else 'off'} |")
     for d in (r for r in report["rows"] if r["role"] == "dqtool" and r.get("vs")):
         lines += ["", f"## {d['name']} against each other model", "",
                   "| other | its size / dqtool's | decode speed-up | generate speed-up | ROUGE-L delta |",
@@ -351,6 +433,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"description": f"{cpu}, {os.cpu_count()} CPUs", "cpu": cpu, "cpus": os.cpu_count(),
+            "cpu_features": cpu_features(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
