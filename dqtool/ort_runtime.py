@@ -3,7 +3,9 @@
 A folder in optimum's seq2seq layout holds ``encoder_model.onnx`` and either
 ``decoder_model_merged.onnx`` (one decoder with a ``use_cache_branch`` switch) or the pair
 ``decoder_model.onnx`` + ``decoder_with_past_model.onnx``, next to ``config.json``,
-``generation_config.json`` and the tokenizer files. :class:`OnnxSeq2Seq` runs the encoder
+``generation_config.json`` and the tokenizer files; the graphs may also sit in an ``onnx/``
+subfolder (the layout ``dqtool export`` writes and transformers.js loads, see
+:func:`graph_folder`). :class:`OnnxSeq2Seq` runs the encoder
 once and the decoder one token at a time with its key/value cache, in numpy, and its
 ``generate`` returns what Hugging Face's ``generate`` (transformers 4.57) returns for greedy
 and beam search: the same tokens, padding, lengths and defaults from the generation config.
@@ -44,6 +46,7 @@ ENCODER_FILE = "encoder_model.onnx"
 MERGED_FILE = "decoder_model_merged.onnx"
 DECODER_FILE = "decoder_model.onnx"
 WITH_PAST_FILE = "decoder_with_past_model.onnx"
+ONNX_SUBDIR = "onnx"  # transformers.js (and the Hub's ONNX repos) keep the graphs here
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(decoder|encoder)\.(key|value)$")
@@ -70,15 +73,30 @@ _UNSUPPORTED_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_
                        "decoder_input_ids", "encoder_outputs"}
 
 
+def graph_folder(folder: str | os.PathLike) -> Path:
+    """Where the graphs of a model folder are: ``folder/onnx`` when it holds the encoder graph
+    (the layout ``dqtool export`` writes), else ``folder`` (optimum's flat layout, older exports).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); (d / "onnx").mkdir(); _ = (d / "onnx" / ENCODER_FILE).write_bytes(b"")
+        >>> graph_folder(d).name
+        'onnx'
+    """
+    p = Path(folder)
+    return p / ONNX_SUBDIR if (p / ONNX_SUBDIR / ENCODER_FILE).is_file() else p
+
+
 def is_onnx_folder(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` holds an exported seq2seq model (encoder + a decoder with cache).
+    """True when ``folder`` holds an exported seq2seq model (encoder + a decoder with cache),
+    at its root or under ``onnx/``.
 
     Example:
         >>> import tempfile
         >>> is_onnx_folder(tempfile.mkdtemp())
         False
     """
-    p = Path(folder)
+    p = graph_folder(folder)
     return (p / ENCODER_FILE).is_file() and ((p / MERGED_FILE).is_file() or (p / DECODER_FILE).is_file())
 
 
@@ -202,9 +220,10 @@ class OnnxSeq2Seq:
 
         if decoder not in ("merged", "pair"):
             raise DQToolError(f"decoder must be 'merged' or 'pair', got {decoder!r}")
-        p = Path(path)
-        if not p.is_dir():
-            raise DQToolError(f"ONNX folder {p} not found: pass a folder written by the ONNX export")
+        root = Path(path)
+        if not root.is_dir():
+            raise DQToolError(f"ONNX folder {root} not found: pass a folder written by the ONNX export")
+        p = graph_folder(root)
         has_merged = (p / MERGED_FILE).is_file()
         has_pair = (p / DECODER_FILE).is_file()
         if not (p / ENCODER_FILE).is_file() or not (has_merged or has_pair):
@@ -212,8 +231,8 @@ class OnnxSeq2Seq:
                 f"{p} is not an exported seq2seq folder: it needs {ENCODER_FILE} and {MERGED_FILE} "
                 f"(or {DECODER_FILE} + {WITH_PAST_FILE}); export it with the ONNX export "
                 f"(optimum task text2text-generation-with-past)")
-        if not (p / "config.json").is_file():
-            raise DQToolError(f"{p} has no config.json: export writes it next to the .onnx files; copy it from "
+        if not (root / "config.json").is_file():
+            raise DQToolError(f"{root} has no config.json: export writes it next to the .onnx files; copy it from "
                               f"the source model folder")
         so = session_options(threads)
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
@@ -230,12 +249,12 @@ class OnnxSeq2Seq:
         else:
             decoder = session(DECODER_FILE)
             with_past = session(WITH_PAST_FILE) if (p / WITH_PAST_FILE).is_file() else None
-        config = AutoConfig.from_pretrained(str(p))
-        if (p / "generation_config.json").is_file():
-            gen = GenerationConfig.from_pretrained(str(p))
+        config = AutoConfig.from_pretrained(str(root))
+        if (root / "generation_config.json").is_file():
+            gen = GenerationConfig.from_pretrained(str(root))
         else:
             gen = GenerationConfig.from_model_config(config)
-        return cls(p, encoder, decoder, with_past, config, gen)
+        return cls(root, encoder, decoder, with_past, config, gen)
 
     def _setup_io(self) -> None:
         enc_in = {i.name: i for i in self.encoder.get_inputs()}
