@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,6 +197,9 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
     vocab = int(model.config.vocab_size)
     on_cuda = _device(model, cfg).type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)  # GPU work is asynchronous
+    from dqtool.progress import Progress
+
+    bar = Progress(len(cfg.batch_sizes) * (cfg.warmup + cfg.runs), f"  {target.name}: latency", unit="runs")
     for batch in cfg.batch_sizes:
         ids, mask = latency_inputs(tok, cfg, batch, vocab)
         if on_cuda:
@@ -217,6 +221,7 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
                     enc_t.append(t1 - t0)
                     gen_t.append(t2 - t1)
                 new = int(seq.shape[1]) - 1
+                bar.update(1)
         row = {"batch": batch, "source_tokens": cfg.source_tokens, "new_tokens": new, "generate": _stats(gen_t)}
         if target.encode is not None:
             row["encoder"] = _stats(enc_t)
@@ -226,10 +231,11 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
             row["decode_per_token"] = _stats([g / max(new, 1) for g in gen_t])
             row["decode_includes_encoder"] = True
         out[str(batch)] = row
+    bar.close()
     return out
 
 
-def measure_quality(model, tok, cfg: BenchConfig) -> dict | None:
+def measure_quality(model, tok, cfg: BenchConfig, name: str = "") -> dict | None:
     """dqtool eval's greedy ROUGE on the first ``max_samples`` rows (None without data)."""
     if cfg.data is None:
         return None
@@ -244,7 +250,7 @@ def measure_quality(model, tok, cfg: BenchConfig) -> dict | None:
     limit = position_limit(model)
     src_len = cfg.source_max_length if limit is None else min(cfg.source_max_length, limit)
     t0 = time.perf_counter()
-    preds = generate(model, tok, list(pairs.sources), ecfg, src_len)
+    preds = generate(model, tok, list(pairs.sources), ecfg, src_len, desc=f"  {name}: quality, generation")
     return {**{k: round(v, 2) for k, v in score(preds, pairs.targets, ("rouge",)).items()},
             "rows": len(preds), "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -275,7 +281,7 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     log(f"  {target.name}: {row['bytes']['total']:,} bytes; measuring latency")
     row["latency"] = measure_latency(target, model, tok, cfg)
     log(f"  {target.name}: quality")
-    row["quality"] = measure_quality(model, tok, cfg)
+    row["quality"] = measure_quality(model, tok, cfg, target.name)
     del model
     return row
 
@@ -468,14 +474,23 @@ def _measure_isolated(index: int, models: list[str], cfg: BenchConfig, peers_dir
 
     payload = json.dumps({"index": index, "models": models, "cfg": asdict(cfg), "peers_dir": str(peers_dir)})
     code = "import sys, json; from dqtool.bench import _worker; _worker(sys.stdin.read())"
-    proc = subprocess.run([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise DQToolError(f"measuring target {index} failed: {tail}")
-    for line in proc.stderr.splitlines():
-        if line.startswith("  "):
-            log(line)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.PIPE, text=True)
+        proc.stdin.write(payload)
+        proc.stdin.close()
+        tail = "(no output)"
+        for line in proc.stderr:  # relayed as they come: the worker's progress lines start with two spaces
+            line = line.rstrip("\n")
+            if line.strip():
+                tail = line
+            if line.startswith("  "):
+                log(line)
+        proc.wait()
+        if proc.returncode != 0:
+            raise DQToolError(f"measuring target {index} failed: {tail}")
+        out.seek(0)
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def _worker(payload: str) -> None:

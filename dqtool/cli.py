@@ -198,6 +198,8 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
     result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
+    if not result.main:
+        return  # another process of a multi-process run: the main one reports
     click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
                + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
 

@@ -278,8 +278,9 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def generate(model, tok, sources: list[str], cfg: EvalConfig, max_source_length: int) -> list[str]:
-    """Decoded generations for ``sources``, in input order.
+def generate(model, tok, sources: list[str], cfg: EvalConfig, max_source_length: int,
+             desc: str = "eval: generation") -> list[str]:
+    """Decoded generations for ``sources``, in input order, with progress (``desc``).
 
     Rows are generated longest first, so batches hold similar lengths (little padding)
     and an out-of-memory batch size fails on the first batch, not the last.
@@ -293,7 +294,9 @@ def generate(model, tok, sources: list[str], cfg: EvalConfig, max_source_length:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     left = getattr(tok, "padding_side", "right") == "left"
     out: list[str] = [""] * len(sources)
-    with torch.inference_mode():
+    from dqtool.progress import Progress
+
+    with torch.inference_mode(), Progress(len(order), desc, unit="rows") as bar:
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             ids, mask = _pad([enc[i] for i in idx], pad_id, left)  # [B, S], [B, S]
@@ -301,6 +304,7 @@ def generate(model, tok, sources: list[str], cfg: EvalConfig, max_source_length:
                                  **cfg.generate_kwargs())  # [B, T]
             for i, text in zip(idx, tok.batch_decode(gen, skip_special_tokens=True)):
                 out[i] = text.strip()
+            bar.update(len(idx))
     return out
 
 

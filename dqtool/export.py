@@ -43,6 +43,7 @@ from dqtool.manifest import atomic_output, check_output, verify_folder, write_ma
 from dqtool.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block
 from dqtool.ort_runtime import ENCODER_FILE, ONNX_SUBDIR, session_options  # the file names the runtime loads
 from dqtool.ort_runtime import MERGED_FILE as DECODER_FILE
+from dqtool.progress import stage
 
 DATA_FILE = "weights.onnx_data"  # --external-data shared
 EXTERNAL_DATA_CHOICES = ("per-graph", "shared")
@@ -474,8 +475,9 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
             if name in plans:
                 mod.onnx_plan = plans[name]
         try:
-            onnx_export_from_model(model, raw, task="text2text-generation-with-past", opset=OPSET,
-                                   do_validation=False, do_constant_folding=False)
+            with stage("export: optimum's ONNX export (encoder + merged decoder)"):
+                onnx_export_from_model(model, raw, task="text2text-generation-with-past", opset=OPSET,
+                                       do_validation=False, do_constant_folding=False)
         finally:
             for name, mod in model.named_modules():
                 if name in plans:
@@ -515,7 +517,8 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
             (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         nbits = any(p.path == NBITS for p in plans.values())
         # A fresh model: optimum's export edits configs in place (T5's encoder use_cache).
-        check = validate(gdir, load_packed(src)[0], cfg, nbits)
+        with stage("export: validating against the packed PyTorch runtime"):
+            check = validate(gdir, load_packed(src)[0], cfg, nbits)
         counts = {INTEGER: sum(p.path == INTEGER for p in plans.values()),
                   NBITS: sum(p.path == NBITS for p in plans.values())}
         ops = {f: sorted({n.op_type for g in _all_graphs(m.graph) for n in g.node}) for f, m in models.items()}
