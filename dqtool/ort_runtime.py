@@ -259,7 +259,8 @@ class OnnxSeq2Seq:
     def _setup_io(self) -> None:
         enc_in = {i.name: i for i in self.encoder.get_inputs()}
         if "input_ids" not in enc_in:
-            raise DQToolError(f"{self.folder / ENCODER_FILE} has no input_ids input: not a text encoder export")
+            raise DQToolError(f"{graph_folder(self.folder) / ENCODER_FILE} has no input_ids input: "
+                              f"not a text encoder export")
         self._enc_has_mask = "attention_mask" in enc_in
         self._enc_ids_type = _NP_TYPES.get(enc_in["input_ids"].type, np.int64)
         self._enc_output = "last_hidden_state"
@@ -283,7 +284,7 @@ class OnnxSeq2Seq:
         dim = getattr(cfg, "d_kv", None) or getattr(cfg, "d_model", heads) // heads
         self._dummy_shapes = [(h or heads, d or dim) for h, d in self._first_io.past_shapes]
         if self._merged and not self.uses_cache:
-            raise DQToolError(f"{self.folder / MERGED_FILE} has a use_cache_branch input but no matching "
+            raise DQToolError(f"{graph_folder(self.folder) / MERGED_FILE} has a use_cache_branch input but no matching "
                               f"past/present key-value names: re-export the folder")
 
     # ------------------------------------------------------------------ HF-model surface
