@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from dqtool.parallel import rows_read
-from dqtool.qat import QATConfig
+from dqtool.base.parallel import rows_read
+from dqtool.stages.qat import QATConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured before this change (issue 18): the whole 15,000-row split on the demo teacher.

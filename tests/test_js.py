@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from dqtool.convert import ConvertConfig, convert
-from dqtool.export import ExportConfig, export
-from dqtool.manifest import write_manifest
-from dqtool.ort_runtime import load_onnx
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.formats.manifest import write_manifest
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
+from dqtool.runtimes.ort import load_onnx
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.export import ExportConfig, export
 from tiny import tiny_config, tiny_tokenizer
 
 TRANSFORMERS_JS = "4.3.2"  # the version verified here (onnxruntime-node 1.24+)
@@ -70,7 +70,7 @@ def _make_packed(root: Path) -> Path:
     scheme = QuantScheme.from_wea("8-8-8", act_symmetric=False)
     prepare(model, scheme)
     (root / "qat").mkdir(parents=True)
-    _save_qat(model, tiny_tokenizer(), root / "qat", scheme)
+    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
     write_manifest(root / "qat", "qat", inputs={}, config={})
     convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
     return root / "packed"

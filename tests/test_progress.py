@@ -5,7 +5,7 @@ import io
 
 import torch
 
-from dqtool.progress import Progress, track
+from dqtool.base.progress import Progress, track
 
 
 def test_plain_lines_off_a_terminal(monkeypatch):
@@ -35,8 +35,8 @@ def test_silent_on_other_ranks_and_when_disabled(monkeypatch):
 
 
 def test_eval_generation_reports_progress(tiny_dir, capsys, monkeypatch):
-    from dqtool.evaluate import EvalConfig, generate
-    from dqtool.loading import load_seq2seq
+    from dqtool.stages.evaluate import EvalConfig, generate
+    from dqtool.formats.hf import load_seq2seq
 
     monkeypatch.setenv("DQTOOL_PROGRESS_SECONDS", "0")
     model, tok = load_seq2seq(tiny_dir("bart"))

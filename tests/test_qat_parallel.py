@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dqtool.cli import main
-from dqtool.distill import DistillConfig, distill
-from dqtool.manifest import verify_folder
-from dqtool.parallel import EpochShuffle, rows_read
+from dqtool.formats.manifest import verify_folder
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.base.parallel import EpochShuffle, rows_read
 from tiny import save_tiny, write_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +108,24 @@ def test_two_processes_train_like_one_with_the_same_global_batch(setup, one_proc
     _close(out, one_process, root / "student")
 
 
+# The CLI's qat with a test-only Trainer callback that sleeps 2 s per step (time to kill it
+# between its step-2 checkpoint and the end).
+_SLOW_QAT = """
+import sys, time
+from transformers import TrainerCallback
+import dqtool.stages.qat as stage
+
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        time.sleep(2)
+
+run = stage.qat
+stage.qat = lambda *a, **k: run(*a, callbacks=(Slow(),), **k)
+from dqtool.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_resume_a_two_process_run(setup):
     """Killed after its step-2 checkpoint, a 2-process run resumes under torchrun to the
     weights of an uninterrupted 2-process run; resuming with 1 process is refused."""
@@ -115,8 +133,9 @@ def test_resume_a_two_process_run(setup):
     ref, out = root / "two-ref", root / "two-resumed"
     r = _launch(_torchrun(), _args(root, data, ref, 4), root)
     assert r.returncode == 0, r.stderr[-3000:]
-    env = {**_env(), "DQTOOL_DEBUG_STEP_SLEEP": "2"}
-    p = subprocess.Popen([*_torchrun(), "-m", "dqtool.cli", *_args(root, data, out, 4)], cwd=root, env=env,
+    slow = root / "slow_qat.py"
+    slow.write_text(_SLOW_QAT)
+    p = subprocess.Popen([*_torchrun(), str(slow), *_args(root, data, out, 4)], cwd=root, env=_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     work = root / "two-resumed.partial"
     try:
