@@ -219,6 +219,8 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
     result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
+    if not result.main:
+        return  # another process of a multi-process run: the main one reports
     click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
                + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
 
@@ -277,8 +279,12 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force)
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
 @click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
+@click.option("--external-data", type=click.Choice(["per-graph", "shared"]), default="per-graph", show_default=True,
+              help="per-graph = onnx/<graph>.onnx_data, what transformers.js loads in Node and browsers (the tied "
+                   "embedding stored twice); shared = one onnx/weights.onnx_data (stored once; onnxruntime, optimum, "
+                   "dqtool and transformers.js in Node load it).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, force):
+def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
@@ -286,13 +292,13 @@ def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, force):
     from dqtool.stages.export import ExportConfig, export as run_export
 
     r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
-                                                       lut_gemm=lut_gemm),
+                                                       lut_gemm=lut_gemm, external_data=external_data),
                    force=force)
     c, s = r.check, r.sizes
     click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "
                f"{r.paths['nbits']} as MatMulNBits")
-    click.echo(f"  weights {_kb(s.get('weights.onnx_data'))} (packed file {_kb(s.get('packed_file_bytes'))}), "
-               f"graphs {_kb(s.get('encoder_model.onnx', 0) + s.get('decoder_model_merged.onnx', 0))}, "
+    click.echo(f"  weights {_kb(s.get('weights'))} (packed file {_kb(s.get('packed_file_bytes'))}), "
+               f"graphs {_kb(s.get('graphs'))}, "
                f"folder {_kb(s['total'])}")
     click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
                f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "

@@ -22,7 +22,7 @@ from dqtool.stages.bench.stage import BenchConfig
 from dqtool.stages.convert import ConvertConfig
 from dqtool.stages.distill import DistillConfig
 from dqtool.stages.evaluate import PRESETS, EvalConfig
-from dqtool.stages.export import ACCURACY_LEVELS, MATMUL_CHOICES, ExportConfig
+from dqtool.stages.export import ACCURACY_LEVELS, EXTERNAL_DATA_CHOICES, MATMUL_CHOICES, ExportConfig
 from dqtool.stages.qat import PRECISIONS, TARGETS, QATConfig
 
 # command -> (the configs its options fill, in lookup order; option name -> field where they differ)
@@ -69,6 +69,7 @@ CHOICES = {
     ("convert", "float_dtype"): ("auto", *FLOAT_DTYPES),
     ("export", "matmul"): MATMUL_CHOICES,
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
+    ("export", "external_data"): EXTERNAL_DATA_CHOICES,
 }
 
 

@@ -16,6 +16,7 @@ from dqtool.formats.packed import load_packed
 from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.stages.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
 from dqtool.formats.manifest import verify_folder
+from dqtool.formats.onnx import graph_folder
 from test_convert import make_qat
 
 
@@ -28,13 +29,13 @@ def _packed(root: Path, arch: str, scheme: str) -> Path:
 def _ops(folder: Path) -> set[str]:
     ops = set()
     for f in (ENCODER_FILE, DECODER_FILE):
-        m = onnx.load(str(folder / f), load_external_data=False)
+        m = onnx.load(str(graph_folder(folder) / f), load_external_data=False)
         ops |= {n.op_type for g in _all_graphs(m.graph) for n in g.node}
     return ops
 
 
 def _inits(folder: Path, fname: str) -> dict:
-    m = onnx.load(str(folder / fname), load_external_data=False)
+    m = onnx.load(str(graph_folder(folder) / fname), load_external_data=False)
     return {i.name: i for g in _all_graphs(m.graph) for i in g.initializer}
 
 
@@ -102,28 +103,46 @@ def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, sch
         assert np.array_equal(rt.generate(input_ids=ids[i:i + 1, :n], **gen)[0], row.numpy()), i
 
 
-def test_weights_are_stored_once_under_packed_names(tmp_path):
+@pytest.mark.parametrize("external_data", ["per-graph", "shared"])
+def test_weights_are_stored_once_under_packed_names(tmp_path, external_data):
+    """Graphs under onnx/ with packed tensor names. shared: one weights.onnx_data, every
+    tensor once; per-graph (transformers.js' <graph>.onnx_data): every tensor once per graph
+    file, so only the tied embedding (used by both graphs) is stored twice."""
     packed = _packed(tmp_path, "bart", "2-2-8")
-    export(packed, tmp_path / "onnx")
+    export(packed, tmp_path / "onnx", ExportConfig(external_data=external_data))
     out = tmp_path / "onnx"
+    gdir = out / "onnx"
+    assert sorted(p.name for p in gdir.iterdir()) == sorted(
+        [ENCODER_FILE, DECODER_FILE] + ([DATA_FILE] if external_data == "shared" else
+                                        [ENCODER_FILE + "_data", DECODER_FILE + "_data"]))
+    js = json.loads((out / "config.json").read_text()).get("transformers.js_config", {})
+    assert js.get("use_external_data_format") == (
+        None if external_data == "shared" else {ENCODER_FILE: 1, DECODER_FILE: 1})
     enc, dec = _inits(out, ENCODER_FILE), _inits(out, DECODER_FILE)
     # Packed names, as in packed.safetensors; the tied embedding is one tensor for
     # encoder Gather, decoder Gather and lm_head.
     assert "model.encoder.layers.0.fc1.qweight" in enc and "model.decoder.layers.0.fc1.qweight" in dec
     assert "model.shared.qweight" in enc and "model.shared.qweight" in dec
     assert not any("lm_head" in n and "qweight" in n for n in dec)
-    locs = {}
-    for name, init in {**enc, **dec}.items():
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            ext = {e.key: e.value for e in init.external_data}
-            assert ext["location"] == DATA_FILE
-            locs.setdefault(name, set()).add((ext["offset"], ext["length"]))
-    assert all(len(v) == 1 for v in locs.values())  # same bytes for both graphs
-    spans = sorted((int(o), int(n)) for v in locs.values() for o, n in v)
-    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor written twice
-    # The weights file is the packed weights (codes at their bit width), not an unpacked copy.
+    locs: dict[str, dict] = {}
+    for fname, inits in ((ENCODER_FILE, enc), (DECODER_FILE, dec)):
+        for name, init in inits.items():
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in init.external_data}
+                assert ext["location"] == (DATA_FILE if external_data == "shared" else fname + "_data")
+                locs.setdefault(ext["location"], {}).setdefault(name, set()).add((ext["offset"], ext["length"]))
+    for per_file in locs.values():
+        assert all(len(v) == 1 for v in per_file.values())  # same bytes wherever a graph uses the tensor
+        spans = sorted((int(o), int(n)) for v in per_file.values() for o, n in v)
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor written twice in a file
+    in_both = set.intersection(*(set(v) for v in locs.values())) if len(locs) == 2 else set()
+    assert in_both == ({"model.shared.qweight", "model.shared.scale"} & set(enc)
+                       if external_data == "per-graph" else set())
+    # The weights files are the packed weights (codes at their bit width), not an unpacked copy.
     packed_bytes = (packed / "packed.safetensors").stat().st_size
-    assert (out / DATA_FILE).stat().st_size < 1.2 * packed_bytes
+    data_bytes = sum((gdir / f).stat().st_size for f in locs)
+    dup = sum(int(next(iter(locs[DECODER_FILE + "_data"][n]))[1]) for n in in_both)
+    assert data_bytes - dup < 1.2 * packed_bytes
     qw = dec["model.decoder.layers.0.fc1.qweight"]
     assert qw.data_type == onnx.TensorProto.UINT8 and list(qw.dims) == [32, 4]  # 16 ternary codes in 4 bytes
 
@@ -133,11 +152,11 @@ def test_initializer_scan_finds_a_float_copy(tmp_path):
     export(packed, tmp_path / "onnx")
     out = tmp_path / "onnx"
     model, _ = load_packed(packed)
-    models = {f: onnx.load(str(out / f)) for f in (ENCODER_FILE, DECODER_FILE)}
-    assert float_copies(models, out, model) == []
+    models = {f: onnx.load(str(out / "onnx" / f)) for f in (ENCODER_FILE, DECODER_FILE)}
+    assert float_copies(models, out / "onnx", model) == []
     w = model.model.encoder.layers[0].fc1.weight().detach().numpy()
     models[ENCODER_FILE].graph.initializer.append(onnx.numpy_helper.from_array(w.T.copy(), "leak"))
-    assert float_copies(models, out, model) == [f"{ENCODER_FILE}:leak == model.encoder.layers.0.fc1"]
+    assert float_copies(models, out / "onnx", model) == [f"{ENCODER_FILE}:leak == model.encoder.layers.0.fc1"]
 
 
 @pytest.mark.parametrize("scheme,args,message", [

@@ -441,7 +441,7 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def test_bench_runs_its_workers_through_run_child(monkeypatch):
+def test_bench_runs_its_workers_through_popen_child(monkeypatch):
     """bench's measuring workers are started so that they die with bench (see above)."""
     import dqtool.base.fsutil
     from dqtool.base.errors import DQToolError
@@ -449,9 +449,20 @@ def test_bench_runs_its_workers_through_run_child(monkeypatch):
 
     seen = []
 
-    def fake(cmd, input=None, **kw):
+    import io
+
+    class FakeProc:
+        returncode = 1
+
+        def __init__(self):
+            self.stdin, self.stderr = io.StringIO(), io.StringIO("boom\n")
+
+        def wait(self):
+            return 1
+
+    def fake(cmd, **kw):
         seen.append(cmd)
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="boom")
+        return FakeProc()
 
     class Target:
         name = "t"
@@ -459,7 +470,7 @@ def test_bench_runs_its_workers_through_run_child(monkeypatch):
         def describe(self):
             return {}
 
-    monkeypatch.setattr(dqtool.base.fsutil, "run_child", fake)
+    monkeypatch.setattr(dqtool.base.fsutil, "popen_child", fake)
     with pytest.raises(DQToolError, match="boom"):
         _measure_isolated(Target(), BenchConfig(), log=lambda m: None)
     assert seen and seen[0][0] == sys.executable

@@ -199,7 +199,9 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     assert len(cached) == 1 and not list((root / "cache").glob("*.tmp"))
     second = qat(root / "student", root / "qc2", cfg, progress=False, cache_dir=root / "cache")
     m1, m2 = verify_folder(first.out_dir, "qat"), verify_folder(second.out_dir, "qat")
-    assert m1["teacher_relabelled_rows"] == m2["teacher_relabelled_rows"] == m["teacher_relabelled_rows"]
+    # (1 step of 4 reads 4 rows: only those get the teacher's outputs; the second run generates none.)
+    assert m1["teacher_relabelled_rows"] == m2["teacher_relabelled_rows"] == m1["teacher_targets"]["rows"] == 4
+    assert m1["teacher_targets"]["generated"] == 4 and m2["teacher_targets"]["generated"] == 0
     assert _weights(first.out_dir).keys() == _weights(second.out_dir).keys()
     assert all(torch.equal(a, b) for a, b in zip(_weights(first.out_dir).values(), _weights(second.out_dir).values()))
     r = CliRunner().invoke(main, _args(root, data, root / "qbad", "--targets", "model"))

@@ -250,6 +250,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def popen_child(cmd: list[str], **kw):
+    """``subprocess.Popen(cmd, ...)`` whose child dies with this process (for workers whose
+    output is read as it comes)."""
+    import subprocess
+
+    return subprocess.Popen(cmd, preexec_fn=die_with_parent if os.name == "posix" else None, **kw)
+
+
 def run_child(cmd: list[str], input: str | None = None, **kw):
     """``subprocess.run(cmd, ...)`` whose child dies with this process (no orphan workers
     left running after a ``kill -9``)."""

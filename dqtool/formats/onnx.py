@@ -1,9 +1,12 @@
 """The ONNX folder: ``dqtool export``'s output, or any folder in optimum's seq2seq layout.
 
-    encoder_model.onnx            the encoder
-    decoder_model_merged.onnx     one decoder with a ``use_cache_branch`` switch, or the pair
+    onnx/encoder_model.onnx       the encoder (``dqtool export`` puts the graphs under onnx/,
+                                  where transformers.js looks; optimum's flat layout and older
+                                  exports have them at the top)
+    onnx/decoder_model_merged.onnx  one decoder with a ``use_cache_branch`` switch, or the pair
     decoder_model.onnx + decoder_with_past_model.onnx
-    weights.onnx_data             (dqtool export) the initializers of both graphs, shared
+    onnx/<graph>.onnx_data        (dqtool export) each graph's initializers, or one shared
+                                  weights.onnx_data (--external-data shared, older exports)
     export.json                   (dqtool export) per-Linear plans, opset, session options
     config.json, generation_config.json, tokenizer files, dqtool-manifest.json
 
@@ -28,16 +31,30 @@ DECODER_FILE = "decoder_model.onnx"
 WITH_PAST_FILE = "decoder_with_past_model.onnx"
 DATA_FILE = "weights.onnx_data"
 EXPORT_FILE = "export.json"
+ONNX_SUBDIR = "onnx"  # transformers.js (and the Hub's ONNX repos) keep the graphs here
+
+
+def graph_folder(folder: str | os.PathLike) -> Path:
+    """Where the graphs of a model folder are: ``folder/onnx`` when it holds the encoder graph
+    (the layout ``dqtool export`` writes), else ``folder`` (optimum's flat layout, older exports).
+
+    Example:
+        >>> graph_folder(tmp) == tmp  # tmp: an empty folder (conftest.py)
+        True
+    """
+    p = Path(folder)
+    return p / ONNX_SUBDIR if (p / ONNX_SUBDIR / ENCODER_FILE).is_file() else p
 
 
 def detect(folder: str | os.PathLike) -> bool:
-    """True when ``folder`` holds an exported seq2seq model (encoder + a decoder with cache).
+    """True when ``folder`` holds an exported seq2seq model (encoder + a decoder with cache),
+    at its top or under ``onnx/``.
 
     Example:
         >>> detect(tmp)  # tmp: an empty folder (conftest.py)
         False
     """
-    p = Path(folder)
+    p = graph_folder(folder)
     return (p / ENCODER_FILE).is_file() and ((p / MERGED_FILE).is_file() or (p / DECODER_FILE).is_file())
 
 

@@ -3,7 +3,9 @@
 A folder in optimum's seq2seq layout holds ``encoder_model.onnx`` and either
 ``decoder_model_merged.onnx`` (one decoder with a ``use_cache_branch`` switch) or the pair
 ``decoder_model.onnx`` + ``decoder_with_past_model.onnx``, next to ``config.json``,
-``generation_config.json`` and the tokenizer files. :class:`OnnxSeq2Seq` runs the encoder
+``generation_config.json`` and the tokenizer files; the graphs may also sit in an ``onnx/``
+subfolder (the layout ``dqtool export`` writes and transformers.js loads, see
+:func:`graph_folder`). :class:`OnnxSeq2Seq` runs the encoder
 once and the decoder one token at a time with its key/value cache, in numpy, and its
 ``generate`` returns what Hugging Face's ``generate`` (transformers 4.57) returns for greedy
 and beam search: the same tokens, padding, lengths and defaults from the generation config.
@@ -41,7 +43,7 @@ import numpy as np
 
 from dqtool.base.errors import DQToolError
 from dqtool.formats import onnx as onnx_format
-from dqtool.formats.onnx import DECODER_FILE, ENCODER_FILE, MERGED_FILE, WITH_PAST_FILE
+from dqtool.formats.onnx import DECODER_FILE, ENCODER_FILE, MERGED_FILE, WITH_PAST_FILE, graph_folder
 from dqtool.runtimes.genconfig import as_list, resolve_generation_config
 from dqtool.runtimes.search import beam_search, greedy
 
@@ -194,9 +196,10 @@ class OnnxSeq2Seq:
 
         if decoder not in ("merged", "pair"):
             raise DQToolError(f"decoder must be 'merged' or 'pair', got {decoder!r}")
-        p = Path(path)
-        if not p.is_dir():
-            raise DQToolError(f"ONNX folder {p} not found: pass a folder written by the ONNX export")
+        root = Path(path)
+        if not root.is_dir():
+            raise DQToolError(f"ONNX folder {root} not found: pass a folder written by the ONNX export")
+        p = graph_folder(root)
         has_merged = (p / MERGED_FILE).is_file()
         has_pair = (p / DECODER_FILE).is_file()
         if not (p / ENCODER_FILE).is_file() or not (has_merged or has_pair):
@@ -204,8 +207,8 @@ class OnnxSeq2Seq:
                 f"{p} is not an exported seq2seq folder: it needs {ENCODER_FILE} and {MERGED_FILE} "
                 f"(or {DECODER_FILE} + {WITH_PAST_FILE}); export it with the ONNX export "
                 f"(optimum task text2text-generation-with-past)")
-        if not (p / "config.json").is_file():
-            raise DQToolError(f"{p} has no config.json: export writes it next to the .onnx files; copy it from "
+        if not (root / "config.json").is_file():
+            raise DQToolError(f"{root} has no config.json: export writes it next to the .onnx files; copy it from "
                               f"the source model folder")
         so = session_options(threads, lut_gemm=lut_gemm_of(p))
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
@@ -226,17 +229,18 @@ class OnnxSeq2Seq:
         else:
             decoder = session(DECODER_FILE)
             with_past = session(WITH_PAST_FILE) if (p / WITH_PAST_FILE).is_file() else None
-        config = AutoConfig.from_pretrained(str(p))
-        if (p / "generation_config.json").is_file():
-            gen = GenerationConfig.from_pretrained(str(p))
+        config = AutoConfig.from_pretrained(str(root))
+        if (root / "generation_config.json").is_file():
+            gen = GenerationConfig.from_pretrained(str(root))
         else:
             gen = GenerationConfig.from_model_config(config)
-        return cls(p, encoder, decoder, with_past, config, gen)
+        return cls(root, encoder, decoder, with_past, config, gen)
 
     def _setup_io(self) -> None:
         enc_in = {i.name: i for i in self.encoder.get_inputs()}
         if "input_ids" not in enc_in:
-            raise DQToolError(f"{self.folder / ENCODER_FILE} has no input_ids input: not a text encoder export")
+            raise DQToolError(f"{graph_folder(self.folder) / ENCODER_FILE} has no input_ids input: "
+                              f"not a text encoder export")
         self._enc_has_mask = "attention_mask" in enc_in
         self._enc_ids_type = _NP_TYPES.get(enc_in["input_ids"].type, np.int64)
         self._enc_output = "last_hidden_state"
@@ -260,7 +264,7 @@ class OnnxSeq2Seq:
         dim = getattr(cfg, "d_kv", None) or getattr(cfg, "d_model", heads) // heads
         self._dummy_shapes = [(h or heads, d or dim) for h, d in self._first_io.past_shapes]
         if self._merged and not self.uses_cache:
-            raise DQToolError(f"{self.folder / MERGED_FILE} has a use_cache_branch input but no matching "
+            raise DQToolError(f"{graph_folder(self.folder) / MERGED_FILE} has a use_cache_branch input but no matching "
                               f"past/present key-value names: re-export the folder")
 
     # ------------------------------------------------------------------ HF-model surface

@@ -29,8 +29,8 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, t
 
 
 def generate_texts(model, tok, sources: list[str], generate_kwargs: dict, batch_size: int, device: str,
-                   max_source_length: int) -> list[str]:
-    """Decoded generations for ``sources``, in input order.
+                   max_source_length: int, desc: str = "eval: generation") -> list[str]:
+    """Decoded generations for ``sources``, in input order, with progress (``desc``).
 
     Example (needs a model, so not run as a doctest)::
         preds = generate_texts(model, tok, ["summarize: some text"], {"num_beams": 1}, 32, "cpu", 512)
@@ -41,7 +41,9 @@ def generate_texts(model, tok, sources: list[str], generate_kwargs: dict, batch_
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     left = getattr(tok, "padding_side", "right") == "left"
     out: list[str] = [""] * len(sources)
-    with torch.inference_mode():
+    from dqtool.base.progress import Progress
+
+    with torch.inference_mode(), Progress(len(order), desc, unit="rows") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = pad([enc[i] for i in idx], pad_id, left)  # [B, S], [B, S]
@@ -49,4 +51,5 @@ def generate_texts(model, tok, sources: list[str], generate_kwargs: dict, batch_
                                  **generate_kwargs)  # [B, T]
             for i, text in zip(idx, tok.batch_decode(gen, skip_special_tokens=True)):
                 out[i] = text.strip()
+            bar.update(len(idx))
     return out

@@ -14,9 +14,13 @@ post-process, check, save:
    (one graph with a use-cache branch: one copy of the decoder weights) from the packed
    model in export mode (:mod:`dqtool.qmath.onnx_ops`).
 3. Initializers get their packed names back (``model.encoder.layers.0.fc1.qweight``,
-   ``model.shared.qweight``) and are written once into one external data file,
-   ``weights.onnx_data``, that both graphs reference: the tied embedding (encoder
-   Gather, decoder Gather, lm_head) is stored once.
+   ``model.shared.qweight``) and go to external data files. The folder is laid out for
+   both optimum and transformers.js (see :func:`js_config`): graphs under ``onnx/``, each
+   graph's weights in ``<graph>.onnx_data`` (``--external-data per-graph``, the default:
+   the tied embedding, used by both graphs, is stored twice) or one
+   ``weights.onnx_data`` both graphs reference (``--external-data shared``: stored once;
+   onnxruntime, optimum, dqtool and transformers.js in Node load it, browsers need
+   ``session_options.externalData``).
 4. Every export is validated: ``onnx.checker``, no float copy of any quantized weight
    among the initializers, ORT sessions on CPU, and encoder output and decoder logits
    compared with the packed PyTorch runtime; a failure is an error naming the graph and
@@ -37,13 +41,15 @@ import torch
 
 from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
+from dqtool.base.progress import stage
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.qmath.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block, onnx_linear
-from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE  # the file names the runtime loads
+from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE, ONNX_SUBDIR  # the file names the runtime loads
 from dqtool.formats.onnx import MERGED_FILE as DECODER_FILE
 from dqtool.runtimes.ort import session_options
 from dqtool.base.fsutil import locked
 
+EXTERNAL_DATA_CHOICES = ("per-graph", "shared")  # DATA_FILE: the one file of --external-data shared
 MATMUL_CHOICES = ("auto", INTEGER, NBITS)
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = float compute (faithful), 4 = int8 compute (fast)
 OPSET = 18  # BitwiseAnd (in-graph unpacking of packed codes) needs opset 18
@@ -86,10 +92,16 @@ class ExportConfig:
     check_samples: int = 4
     check_length: int = 16
     seed: int = 0
+    # per-graph: <graph>.onnx_data, what transformers.js fetches (Node and browsers); the
+    # tied embedding is stored in both files. shared: one weights.onnx_data, stored once.
+    external_data: str = "per-graph"
 
     def __post_init__(self):
         if self.matmul not in MATMUL_CHOICES:
             raise ConfigError(f"{{matmul}} '{self.matmul}' is not supported: choose {', '.join(MATMUL_CHOICES)}")
+        if self.external_data not in EXTERNAL_DATA_CHOICES:
+            raise ConfigError(f"{{external_data}} '{self.external_data}' is not supported: choose "
+                              f"{', '.join(EXTERNAL_DATA_CHOICES)}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"{{accuracy_level}} {self.accuracy_level} is not supported: choose 0 (float compute, "
                               f"faithful) or 4 (int8 compute, fast)")
@@ -336,44 +348,73 @@ def compact_names(onnx_model) -> None:
         g.doc_string = ""
 
 
-def share_external_data(models: dict[str, object], folder: Path, min_bytes: int = 64) -> dict:
-    """Move every initializer of ``min_bytes`` or more into one data file, once per name.
+def share_external_data(models: dict[str, object], folder: Path, min_bytes: int = 64, shared: bool = True) -> dict:
+    """Move every initializer of ``min_bytes`` or more into external data, once per name and file.
 
     ``models`` maps file names to loaded ONNX models (edited in place, then saved into
-    ``folder``). Tensors with the same name must be byte-identical (checked).
+    ``folder``). ``shared``: one file ``weights.onnx_data`` for all graphs (a tensor used by
+    several graphs stored once); else one file ``<graph>_data`` per graph (``encoder_model.onnx_data``,
+    the name transformers.js fetches). Tensors with the same name must be byte-identical (checked).
     """
     import onnx
     from onnx import numpy_helper
 
-    offsets: dict[str, tuple[int, int, bytes]] = {}
-    data = bytearray()
+    files: dict[str, bytearray] = {}
+    seen: dict[str, bytes] = {}
+    stored: dict[tuple[str, str], tuple[int, int]] = {}
     for fname, m in models.items():
+        data_file = DATA_FILE if shared else f"{fname}_data"
+        data = files.setdefault(data_file, bytearray())
         for g in _all_graphs(m.graph):
             for init in g.initializer:
                 raw = numpy_helper.to_array(init).tobytes()
                 if len(raw) < min_bytes:
                     continue
-                if init.name in offsets:
-                    if offsets[init.name][2] != raw:
-                        raise DQToolError(f"initializer {init.name} differs between graphs; re-run dqtool export")
-                else:
+                if seen.setdefault(init.name, raw) != raw:
+                    raise DQToolError(f"initializer {init.name} differs between graphs; re-run dqtool export")
+                if (data_file, init.name) not in stored:
                     pad = (-len(data)) % 64  # aligned, as ORT prefers for mmap
                     data.extend(b"\0" * pad)
-                    offsets[init.name] = (len(data), len(raw), raw)
+                    stored[data_file, init.name] = (len(data), len(raw))
                     data.extend(raw)
-                off, length, _ = offsets[init.name]
+                off, length = stored[data_file, init.name]
                 init.ClearField("raw_data")
                 for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                     init.ClearField(f)
                 init.data_location = onnx.TensorProto.EXTERNAL
                 del init.external_data[:]
-                for key, value in (("location", DATA_FILE), ("offset", str(off)), ("length", str(length))):
+                for key, value in (("location", data_file), ("offset", str(off)), ("length", str(length))):
                     entry = init.external_data.add()
                     entry.key, entry.value = key, value
-    (folder / DATA_FILE).write_bytes(bytes(data))
+    for data_file, data in files.items():
+        (folder / data_file).write_bytes(bytes(data))
     for fname, m in models.items():
         onnx.save_model(m, str(folder / fname))
-    return {"data_bytes": len(data), "tensors": len(offsets)}
+    return {"data_bytes": sum(len(d) for d in files.values()), "tensors": len(seen),
+            "files": {f: len(d) for f, d in files.items()}}
+
+
+def js_config(config: dict, graphs: list[str], shared: bool) -> dict:
+    """``config`` with the ``transformers.js_config`` entry transformers.js reads: which graphs
+    have external data (one chunk, ``<graph>_data``). With one shared data file the entry is
+    left out: transformers.js would fetch ``<graph>_data``; in Node onnxruntime reads the file
+    each graph names, in browsers pass ``session_options.externalData``.
+
+    Example:
+        >>> js_config({"model_type": "bart"}, ["encoder_model.onnx"], shared=False)["transformers.js_config"]
+        {'use_external_data_format': {'encoder_model.onnx': 1}}
+    """
+    out = dict(config)
+    js = dict(out.get("transformers.js_config") or {})
+    if shared:
+        js.pop("use_external_data_format", None)
+    else:
+        js["use_external_data_format"] = {g: 1 for g in graphs}
+    if js:
+        out["transformers.js_config"] = js
+    else:
+        out.pop("transformers.js_config", None)
+    return out
 
 
 def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[str]:
@@ -436,7 +477,9 @@ def _decoder_feed(sess, past_shape, mask, enc_out, dec_ids):
 
 @torch.no_grad()
 def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict:
-    """Compare ORT (CPU) with the packed PyTorch runtime on random inputs; raise on failure."""
+    """Compare ORT (CPU) with the packed PyTorch runtime on random inputs; raise on failure.
+
+    ``folder``: the folder holding the graphs (``OUT/onnx``)."""
     g = torch.Generator().manual_seed(cfg.seed)
     vocab = int(packed_model.config.vocab_size)
     ids = torch.randint(min(4, vocab - 1), vocab, (cfg.check_samples, cfg.check_length), generator=g)
@@ -508,7 +551,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
 
     with atomic_output(out, force=force) as tmp:
         raw = tmp / "_optimum"
-        with onnx_modules(model, plans):
+        with onnx_modules(model, plans), stage("export: optimum's ONNX export (encoder + merged decoder)"):
             onnx_export_from_model(model, raw, task="text2text-generation-with-past", opset=OPSET,
                                    do_validation=False, do_constant_folding=False)
         names = canonical_names(model)
@@ -519,13 +562,15 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
             rename_initializers(m, names, encoder_root if fname == ENCODER_FILE else "")
             compact_names(m)
             models[fname] = m
-        shared = share_external_data(models, tmp)
+        gdir = tmp / ONNX_SUBDIR
+        gdir.mkdir()
+        shared = share_external_data(models, gdir, shared=cfg.external_data == "shared")
         for fname in (ENCODER_FILE, DECODER_FILE):
             try:
-                onnx.checker.check_model(str(tmp / fname))
+                onnx.checker.check_model(str(gdir / fname))
             except onnx.checker.ValidationError as e:
                 raise DQToolError(f"{fname} fails onnx.checker ({str(e).splitlines()[0]}); please report it") from e
-        copies = float_copies(models, tmp, model)
+        copies = float_copies(models, gdir, model)
         if copies:
             raise DQToolError(f"float copies of quantized weights in the graphs: {copies[:3]}; please report it")
         for f in raw.iterdir():
@@ -538,14 +583,21 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
                 shutil.copy2(src / name, tmp / name)
         if tok is not None:
             tok.save_pretrained(tmp)
+        if (tmp / "config.json").is_file():
+            conf = js_config(json.loads((tmp / "config.json").read_text()), [ENCODER_FILE, DECODER_FILE],
+                             shared=cfg.external_data == "shared")
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
         nbits = any(p.path == NBITS for p in plans.values())
         # A fresh model: optimum's export edits configs in place (T5's encoder use_cache).
-        check = validate(tmp, load_packed(src)[0], cfg, nbits)
+        with stage("export: validating against the packed PyTorch runtime"):
+            check = validate(gdir, load_packed(src)[0], cfg, nbits)
         counts = {INTEGER: sum(p.path == INTEGER for p in plans.values()),
                   NBITS: sum(p.path == NBITS for p in plans.values())}
         ops = {f: sorted({n.op_type for g in _all_graphs(m.graph) for n in g.node}) for f, m in models.items()}
-        sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
+        sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         sizes["total"] = sum(sizes.values())
+        sizes["weights"] = shared["data_bytes"]
+        sizes["graphs"] = sum((gdir / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE))
         sizes["packed_file_bytes"] = (packed_manifest.get("footprint") or {}).get("packed_file_bytes")
         (tmp / EXPORT_FILE).write_text(json.dumps(
             {"wea": wea, "opset": OPSET, "plans": {k: v.__dict__ for k, v in plans.items()},

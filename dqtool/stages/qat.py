@@ -33,6 +33,7 @@ import torch
 
 from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
+from dqtool.base.progress import is_tty
 from dqtool.model.losses import LossConfig, distill_losses
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.formats.qat import save_qat
@@ -42,7 +43,7 @@ from dqtool.qmath.scheme import QuantScheme
 
 from dqtool.base.fsutil import locked
 
-RUN_FILE = "dqtool-run.json"      # in OUT.partial/: what the interrupted run was started with
+RUN_FILE = "dqtool-run.json"      # in OUT.partial/: what the run was started with (setup, inputs, processes)
 LOSS_FILE = "dqtool-loss.json"    # in each checkpoint: the sum of the step losses so far
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 TARGETS = ("data", "teacher")
@@ -123,6 +124,7 @@ class QATResult:
     seconds: float
     best_metric: float | None
     final_losses: dict
+    main: bool = True   # False on the other processes of a multi-process run (they write nothing)
 
 
 def _layer_maps(student_dir: Path, student_cfg, teacher_cfg) -> dict[str, list[int]]:
@@ -156,16 +158,18 @@ def _teacher_source(student_dir: Path, teacher: str | None) -> str:
 # --------------------------------------------------------------------------- data
 
 class _Seq2SeqRows(torch.utils.data.Dataset):
-    """Tokenized rows: dicts of input_ids / attention_mask / labels lists."""
+    """Tokenized rows: dicts of input_ids / attention_mask / labels lists. ``with_index``:
+    items also carry ``row_idx`` (the trainer records which rows it trained on)."""
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], with_index: bool = False):
         self.rows = rows
+        self.with_index = with_index
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        return self.rows[i]
+        return {**self.rows[i], "row_idx": int(i)} if self.with_index else self.rows[i]
 
 
 def _tokenized(cfg: QATConfig, tokenizer, split: str, limit: int | None) -> _Seq2SeqRows:
@@ -182,37 +186,51 @@ def _tokenized(cfg: QATConfig, tokenizer, split: str, limit: int | None) -> _Seq
 
 
 @torch.no_grad()
-def teacher_targets(teacher, rows: _Seq2SeqRows, max_new_tokens: int, pad_id: int, batch_size: int = 64) -> int:
-    """Sequence-level distillation (Kim & Rush, 2016): replace every row's labels with the
-    teacher's own output for its source, decoded with the teacher's generation config
-    (its beams, length limits) and at most ``max_new_tokens`` tokens. Returns how many
-    rows' labels changed.
+def generate_targets(teacher, rows: _Seq2SeqRows, indices: list[int], max_new_tokens: int, pad_id: int,
+                     batch_size: int = 64) -> dict[int, list[int]]:
+    """The teacher's output (decoder start token dropped, cut after EOS) for the sources of
+    the rows ``indices``, ``{index: labels}``, with progress. Batches go longest source
+    first (little padding); the result does not depend on the order of ``indices``."""
+    from dqtool.runtimes.textgen import pad as _pad
+    from dqtool.base.progress import Progress
+
+    order = sorted(set(indices), key=lambda i: (-len(rows.rows[i]["input_ids"]), i))
+    device = next(teacher.parameters()).device
+    eos = teacher.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    labels: dict[int, list[int]] = {}
+    with Progress(len(order), "teacher targets", unit="rows") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = _pad([rows.rows[i]["input_ids"] for i in idx], pad_id, left=False)   # [B, S]
+            gen = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, do_sample=False)          # [B, 1 + T]
+            for i, seq in zip(idx, gen[:, 1:].tolist()):   # drop the decoder start token
+                cut = next((k + 1 for k, t in enumerate(seq) if t in eos), len(seq))
+                labels[i] = seq[:cut]
+            bar.update(len(idx))
+    return labels
+
+
+def teacher_targets(teacher, rows: _Seq2SeqRows, max_new_tokens: int, pad_id: int, batch_size: int = 64,
+                    indices: list[int] | None = None) -> int:
+    """Sequence-level distillation (Kim & Rush, 2016): replace the labels of the rows
+    ``indices`` (default: all) with the teacher's own output for their sources, decoded with
+    the teacher's generation config (its beams, length limits) and at most
+    ``max_new_tokens`` tokens. Returns how many rows' labels changed.
 
     Example (needs a trained teacher, so not run as a doctest)::
         changed = teacher_targets(teacher, train_rows, 64, tok.pad_token_id)
     """
-    from dqtool.runtimes.textgen import pad
-
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # little padding per batch
-    device = next(teacher.parameters()).device
-    eos = teacher.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    labels: list[list[int]] = [[] for _ in range(len(rows))]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = pad([rows[i]["input_ids"] for i in idx], pad_id, left=False)   # [B, S]
-        gen = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               max_new_tokens=max_new_tokens, do_sample=False)      # [B, 1 + T]
-        for i, seq in zip(idx, gen[:, 1:].tolist()):   # drop the decoder start token
-            cut = next((k + 1 for k, t in enumerate(seq) if t in eos), len(seq))
-            labels[i] = seq[:cut]
-    return _set_labels(rows, labels)
+    idx = list(range(len(rows))) if indices is None else list(indices)
+    return _set_labels(rows, generate_targets(teacher, rows, idx, max_new_tokens, pad_id, batch_size))
 
 
-def _set_labels(rows: _Seq2SeqRows, labels: list[list[int]]) -> int:
-    """Give row i the labels ``labels[i]``; returns how many rows changed."""
+def _set_labels(rows: _Seq2SeqRows, labels: dict[int, list[int]]) -> int:
+    """Give row i the labels ``labels[i]`` (for the rows in ``labels``); returns how many changed."""
     changed = 0
-    for row, lab in zip(rows, labels):
+    for i, lab in labels.items():
+        row = rows.rows[i]
         changed += lab != row["labels"]
         row["labels"] = lab
     return changed
@@ -230,8 +248,12 @@ def _make_trainer_class():
             super().__init__(*a, **kw)
             self.teacher, self.loss_cfg, self.maps = teacher, loss_cfg, maps
             self.last_terms: dict[str, float] = {}
+            self.trained_rows: set[int] = set()   # training rows this process computed a loss on
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rows = inputs.pop("row_idx", None)
+            if rows is not None and model.training:
+                self.trained_rows.update(rows.tolist())
             lc = self.loss_cfg
             extra = dict(output_hidden_states=lc.needs_hidden, output_attentions=lc.needs_attention)
             s_out = model(**inputs, **extra)
@@ -246,6 +268,33 @@ def _make_trainer_class():
             if model.training:
                 self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
             return (terms["total"], s_out) if return_outputs else terms["total"]
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # transformers 4.57 loads the optimizer state with map_location=args.device when
+            # several processes train; in accelerate's multi-CPU mode that is "cpu:1", which
+            # torch.load refuses ("don't know how to restore data location"). Map to "cpu".
+            if checkpoint is None or self.args.device.type != "cpu" or self.args.world_size == 1:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            load = torch.load
+
+            def cpu_load(*a, **kw):
+                if "map_location" in kw and str(kw["map_location"]).startswith("cpu"):
+                    kw["map_location"] = "cpu"
+                return load(*a, **kw)
+
+            torch.load = cpu_load
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                torch.load = load
+
+        def _get_train_sampler(self, train_dataset=None):
+            # Known order (the same in every process): teacher targets are generated for
+            # exactly the rows it reads (dqtool.base.parallel.rows_read).
+            from dqtool.base.parallel import EpochShuffle
+
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            return EpochShuffle(len(ds), self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs and self.last_terms:
@@ -317,37 +366,47 @@ def _last_checkpoint(work: Path) -> str | None:
 
 
 def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok, teacher_src: str,
-                            cache_dir: Path | None) -> int:
-    """:func:`teacher_targets`, reusing the labels a run with the same teacher weights,
-    generation config and tokenized training sources already generated
-    (``cache_dir/teacher-targets-<key>.json``): the schemes of one ``dqtool compress`` run
-    share one generation."""
+                            cache_dir: Path | None, needed: list[int]) -> dict:
+    """The teacher's outputs as the labels of the training rows ``needed`` (the rows training
+    will read), reusing what a run with the same teacher weights, generation config and
+    tokenized training sources already generated (``cache_dir/teacher-targets-<key>.json``,
+    one entry per training row, ``null`` where not generated yet): the schemes of one
+    ``dqtool compress`` run share one generation, and a longer run adds only its new rows.
+    Returns ``{"rows", "generated", "changed"}``."""
+    from dqtool.base.parallel import is_main
     from dqtool.formats.hf import describe_source
 
     # The tokenized sources stand for data, split, prefix, tokenizer and lengths at once.
-    sources = hashlib.sha256(json.dumps([row["input_ids"] for row in train_ds]).encode()).hexdigest()
+    sources = hashlib.sha256(json.dumps([row["input_ids"] for row in train_ds.rows]).encode()).hexdigest()
     key_doc = {"teacher": describe_source(teacher_src).get("weights_sha256") or teacher_src,
                "generation": t_model.generation_config.to_dict(), "sources": sources,
                "max_new_tokens": cfg.target_max_length}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir / f"teacher-targets-{key}.json" if cache_dir is not None else None
+    cached: list = [None] * len(train_ds)
     if path is not None and path.is_file():
-        labels = json.loads(path.read_text())
-        if len(labels) == len(train_ds):
-            print(f"targets: the teacher's outputs for {len(train_ds)} training rows, reused from {path}")
-            return _set_labels(train_ds, labels)
+        loaded = json.loads(path.read_text())
+        if len(loaded) == len(train_ds):
+            cached = loaded
+    missing = [i for i in needed if cached[i] is None]
     t0 = time.time()
-    if torch.cuda.is_available():
-        t_model.to("cuda")
-    changed = teacher_targets(t_model, train_ds, cfg.target_max_length, tok.pad_token_id)
-    print(f"targets: the teacher's outputs for {len(train_ds)} training rows ({changed} differ from the "
-          f"references) in {time.time() - t0:.0f}s")
-    if path is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([row["labels"] for row in train_ds]))
-        os.replace(tmp, path)  # a killed run never leaves a half-written cache
-    return changed
+    if missing:
+        if torch.cuda.is_available():
+            t_model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        for i, lab in generate_targets(t_model, train_ds, missing, cfg.target_max_length, tok.pad_token_id).items():
+            cached[i] = lab
+        if path is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cached))
+            os.replace(tmp, path)  # a killed run never leaves a half-written cache
+    changed = _set_labels(train_ds, {i: cached[i] for i in needed})
+    if is_main():
+        reused = len(needed) - len(missing)
+        print(f"targets: the teacher's outputs for the {len(needed)} of {len(train_ds)} training rows that "
+              f"{cfg.max_steps} steps read ({len(missing)} generated in {time.time() - t0:.0f}s"
+              + (f", {reused} reused from {path}" if reused else "") + f"; {changed} differ from the references)")
+    return {"rows": len(needed), "generated": len(missing), "changed": changed}
 
 
 @locked("out_dir")
@@ -368,6 +427,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
 
     from dqtool.formats.hf import describe_source, load_seq2seq
 
+    from dqtool.base.parallel import is_main, rows_read, world_size
+
     out = check_output(out_dir, force)
     work = out.with_name(out.name + ".partial")
     checkpoint = _last_checkpoint(work)
@@ -378,16 +439,20 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         raise DQToolError(f"{work} holds an interrupted run: pass --resume to continue it or --force to start over")
     if resume and checkpoint is None:
         raise DQToolError(f"--resume given but {work} has no checkpoint: run without --resume")
+    world = world_size()
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if resume:
+        _check_resume_world(work, world)
     student_dir = Path(student)
     teacher_src = _teacher_source(student_dir, teacher)
-    record = run_record(student_dir, teacher_src, cfg)
+    record = {**run_record(student_dir, teacher_src, cfg), "world_size": world, "global_batch_size": global_batch}
     if resume:
         diff = resume_mismatch(work, record)
         if diff:
             raise DQToolError(f"{work} was started with a different setup, {diff}: resume with the options it was "
                               f"started with, or pass --force to start over")
-    elif work.exists():
-        shutil.rmtree(work)
+    elif work.exists() and is_main():
+        shutil.rmtree(work, ignore_errors=True)
 
     set_seed(cfg.seed)
     model, tok = load_seq2seq(student_dir)
@@ -406,13 +471,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
     prepare(model, cfg.scheme)
 
     train_ds = _tokenized(cfg_used, tok, cfg.train_split, cfg.max_train_samples)
+    train_ds.with_index = True
     eval_ds = _tokenized(cfg_used, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
-    relabelled = None
-    if cfg.targets == "teacher":
-        relabelled = _cached_teacher_targets(t_model, train_ds, cfg_used, tok, teacher_src,
-                                             Path(cache_dir) if cache_dir is not None else None)
-        if not cfg.losses.needs_teacher:
-            t_model = None  # only its outputs were needed
 
     from dqtool.data.metrics import score
 
@@ -436,18 +496,44 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         load_best_model_at_end=do_eval, metric_for_best_model="rougeL" if do_eval else None,
         greater_is_better=True if do_eval else None,
         predict_with_generate=True, generation_max_length=cfg_used.eval_max_length, generation_num_beams=cfg.eval_beams,
-        report_to=[], disable_tqdm=not progress, dataloader_num_workers=0, save_safetensors=True,
-        remove_unused_columns=False, **_precision(cfg))
+        report_to=[], dataloader_num_workers=0, save_safetensors=True, remove_unused_columns=False,
+        # Off a terminal the Trainer prints its log lines (every --logging-steps) instead of a bar.
+        disable_tqdm=not progress or not is_tty(),
+        # Under torchrun on a machine without CUDA, accelerate would initialize a gloo process
+        # group yet report no distributed mode (it looks for a GPU when LOCAL_RANK is set), so
+        # the Trainer trained each process alone: use_cpu selects its multi-CPU mode (DDP on gloo).
+        use_cpu=world > 1 and not torch.cuda.is_available(),
+        ddp_timeout=6 * 3600,  # the other processes wait while the main one generates teacher targets
+        **_precision(cfg))
+    if args.world_size != world:  # (initializes the process group when launched with several)
+        raise DQToolError(f"the launcher says {world} processes but the Trainer sees {args.world_size}; "
+                          f"launch with torchrun or accelerate launch")
+    with args.main_process_first(local=False, desc="clear the partial folder"):
+        if is_main() and work.exists() and not resume:
+            shutil.rmtree(work)
+        if is_main():
+            work.mkdir(parents=True, exist_ok=True)
+            (work / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    if is_main():
+        print(f"qat: global batch {global_batch} rows = {cfg.batch_size} per process x {cfg.grad_accum} "
+              f"accumulation steps x {world} process{'es' if world > 1 else ''}")
+    targets = None
+    if cfg.targets == "teacher":
+        # Only the rows training reads; the main process generates them (into the cache, or
+        # the partial folder when none is given) while the others wait, then read them.
+        needed = rows_read(len(train_ds), cfg.seed, cfg.max_steps, global_batch)
+        cache = Path(cache_dir) if cache_dir is not None else work
+        with args.main_process_first(local=False, desc="teacher targets"):
+            targets = _cached_teacher_targets(t_model, train_ds, cfg_used, tok, teacher_src, cache, needed)
+        if not cfg.losses.needs_teacher:
+            t_model = None  # only its outputs were needed
     DistillTrainer = _make_trainer_class()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=DataCollatorForSeq2Seq(tok, model=None, label_pad_token_id=-100),
         processing_class=tok, compute_metrics=compute_metrics if do_eval else None, callbacks=list(callbacks),
         teacher=t_model, loss_cfg=cfg.losses, maps=maps)
-    if not resume:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / RUN_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    else:
+    if resume:
         loss_file = Path(checkpoint) / LOSS_FILE
         if loss_file.is_file():
             trainer.loss_sum_before = float(json.loads(loss_file.read_text())["loss_sum"])
@@ -467,6 +553,12 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         raise
     seconds = time.time() - t0
     _fix_train_loss(trainer)
+    if targets is not None:
+        # Rows this process trained on that have no teacher output (0 unless the order changed).
+        targets["trained_without_target"] = len(trainer.trained_rows - set(needed))
+    if not is_main():
+        trainer.accelerator.wait_for_everyone()  # until the main process has written OUT
+        return QATResult(out, trainer.state.global_step, seconds, trainer.state.best_metric, {}, main=False)
 
     with atomic_output(out, force=force, hint=f"the checkpoints in {work} stay: free space and run again with "
                                               f"--resume to write {out} without training again") as tmp:
@@ -482,9 +574,12 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
                        extra={"layer_map": maps, "scheme": cfg.scheme.to_dict(), "wea": cfg.scheme.wea,
                               "steps": trainer.state.global_step, "seconds": round(seconds, 1),
                               "best_metric": best, "resumed_from": checkpoint if resume else None,
-                              "teacher_relabelled_rows": relabelled,
+                              "world_size": world, "global_batch_size": global_batch,
+                              "teacher_relabelled_rows": targets["changed"] if targets else None,
+                              "teacher_targets": targets,
                               "lengths_used": {k: getattr(cfg_used, k) for k in
                                                ("source_max_length", "target_max_length", "eval_max_length")}})
+    trainer.accelerator.wait_for_everyone()
     shutil.rmtree(work, ignore_errors=True)
     return QATResult(out, trainer.state.global_step, seconds, best, final)
 
@@ -582,6 +677,15 @@ def _fix_train_loss(trainer) -> None:
         if "train_loss" in entry:
             entry["train_loss"] = mean
             break
+def _check_resume_world(work: Path, world: int) -> None:
+    """A run resumes with the number of processes it started with (the checkpoint's
+    per-process RNG states and the rows already read depend on it)."""
+    f = work / RUN_FILE
+    if f.is_file():
+        was = json.loads(f.read_text()).get("world_size", 1)
+        if was != world:
+            raise DQToolError(f"{work} was trained by {was} process{'es' if was > 1 else ''}, this run has {world}: "
+                              f"resume with the same number of processes (or pass --force to start over)")
 
 
 def _describe_data(cfg: QATConfig) -> dict:

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,6 +139,9 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
     vocab = int(model.config.vocab_size)
     on_cuda = _device(model, cfg).type == "cuda"
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)  # GPU work is asynchronous
+    from dqtool.base.progress import Progress
+
+    bar = Progress(len(cfg.batch_sizes) * (cfg.warmup + cfg.runs), f"  {target.name}: latency", unit="runs")
     for batch in cfg.batch_sizes:
         ids, mask = latency_inputs(tok, cfg, batch, vocab)
         if on_cuda:
@@ -159,6 +163,7 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
                     enc_t.append(t1 - t0)
                     gen_t.append(t2 - t1)
                 new = int(seq.shape[1]) - 1
+                bar.update(1)
         row = {"batch": batch, "source_tokens": cfg.source_tokens, "new_tokens": new, "generate": _stats(gen_t)}
         if target.encode is not None:
             row["encoder"] = _stats(enc_t)
@@ -173,10 +178,11 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
         dec_med = row["decode_per_token"]["median_ms"] / 1000
         row["decode_tokens_per_s"] = round(batch / dec_med, 1) if dec_med > 0 else None
         out[str(batch)] = row
+    bar.close()
     return out
 
 
-def measure_quality(model, tok, cfg: BenchConfig) -> dict | None:
+def measure_quality(model, tok, cfg: BenchConfig, name: str = "") -> dict | None:
     """dqtool eval's greedy ROUGE on the first ``max_samples`` rows (None without data)."""
     if cfg.data is None:
         return None
@@ -193,7 +199,8 @@ def measure_quality(model, tok, cfg: BenchConfig) -> dict | None:
     limit = position_limit(model)
     src_len = cfg.source_max_length if limit is None else min(cfg.source_max_length, limit)
     t0 = time.perf_counter()
-    preds = generate_texts(model, tok, list(pairs.sources), greedy, 32, str(_device(model, cfg)), src_len)
+    preds = generate_texts(model, tok, list(pairs.sources), greedy, 32, str(_device(model, cfg)), src_len,
+                           desc=f"  {name}: quality, generation")
     return {**{k: round(v, 2) for k, v in score(preds, pairs.targets, ("rouge",)).items()},
             "rows": len(preds), "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -227,7 +234,7 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     log(f"  {target.name}: {row['bytes']['total']:,} bytes; measuring latency")
     row["latency"] = measure_latency(target, model, tok, cfg)
     log(f"  {target.name}: quality")
-    row["quality"] = measure_quality(model, tok, cfg)
+    row["quality"] = measure_quality(model, tok, cfg, target.name)
     del model
     return row
 
@@ -523,14 +530,27 @@ def _measure_isolated(target: Target, cfg: BenchConfig, log) -> dict:
     import sys
     import tempfile
 
-    from dqtool.base.fsutil import run_child
+    import subprocess
+
+    from dqtool.base import fsutil
 
     with tempfile.TemporaryDirectory(prefix="dqtool-bench-") as d:
         messages = Path(d) / "messages.jsonl"
         payload = json.dumps({"target": target.describe(), "cfg": asdict(cfg), "messages": str(messages)})
         code = "import sys; from dqtool.stages.bench.stage import _worker; _worker(sys.stdin.read())"
-        # The worker dies with this process: a kill -9 of bench/compress leaves no worker running.
-        proc = run_child([sys.executable, "-c", code], input=payload, capture_output=True, text=True)
+        # The worker dies with this process: a kill -9 of bench/compress leaves none running.
+        proc = fsutil.popen_child([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        proc.stdin.write(payload)
+        proc.stdin.close()
+        tail = "(no output)"
+        for line in proc.stderr:  # progress lines (indented two spaces) are relayed as they come
+            line = line.rstrip("\n")
+            if line.strip():
+                tail = line
+            if line.startswith("  "):
+                log(line)
+        proc.wait()
         lines = messages.read_text().splitlines() if messages.is_file() else []
     row = error = None
     for msg in map(json.loads, lines):
@@ -540,7 +560,6 @@ def _measure_isolated(target: Target, cfg: BenchConfig, log) -> dict:
     if error is not None:
         raise DQToolError(f"measuring {target.name} failed: {error}")
     if proc.returncode != 0 or row is None:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise DQToolError(f"measuring {target.name} failed: {tail}")
     return row
 

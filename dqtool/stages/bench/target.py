@@ -49,7 +49,8 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
     p = Path(folder)
     if not p.is_dir():
         return []
-    return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
+    dirs = [p] + ([p / "onnx"] if (p / "onnx").is_dir() else [])  # dqtool export keeps the graphs in onnx/
+    return sorted(f for d in dirs for f in d.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
                   and not f.name.startswith("training_args"))
 
 
