@@ -41,7 +41,7 @@ from dqtool.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
-               "quantize_attention")
+               "quantize_attention", "pos_bits")
 LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_enc_last", "logits_loss",
              "temperature")
 DISTILL_KEYS = ("encoder_layers", "decoder_layers", "layer_map", "encoder_map", "decoder_map")
@@ -144,7 +144,7 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
     qats = {}
     for wea in schemes:
         parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-        scheme = QuantScheme.from_wea(str(wea), **scheme_kw)
+        scheme = QuantScheme.from_wea_pos(str(wea), skw.get("pos_bits"), **scheme_kw)
         qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
 
     convert = ConvertConfig(**_check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",))),

@@ -257,6 +257,45 @@ def compact_names(onnx_model) -> None:
         g.doc_string = ""
 
 
+def store_base3(onnx_model, base3: dict[str, torch.Tensor], layout: dict[str, dict]) -> list[str]:
+    """Store the 2-bit code tables named in ``base3`` (``{initializer name: base-3 bytes as the
+    packed folder holds them}``) in base 3, in place: the initializer keeps its packed name and
+    now holds the base-3 bytes; decode nodes (:func:`dqtool.onnx_ops.base3_decode_nodes`) in
+    the same graph rebuild the 2-bit table that every former consumer now reads. Returns the
+    names rewritten. Each table is checked to decode to the bytes the graph held."""
+    from onnx import numpy_helper
+
+    from dqtool.onnx_ops import base3_decode_nodes
+    from dqtool.pack import base3_to_2bit
+
+    done = []
+    for g in list(_all_graphs(onnx_model.graph)):
+        new_nodes = []
+        for init in g.initializer:
+            if init.name not in base3 or init.name in done:
+                continue
+            name = init.name
+            rows, n = layout[name.rsplit(".", 1)[0]]["shape"]
+            old = torch.from_numpy(numpy_helper.to_array(init).copy())
+            if not torch.equal(base3_to_2bit(base3[name], n), old):
+                raise DQToolError(f"{name}: the packed folder's base-3 codes do not match the graph's; re-run dqtool "
+                                  f"convert and export")
+            init.CopyFrom(numpy_helper.from_array(base3[name].numpy(), name))
+            dst = f"{name}.2bit"
+            for sub in _all_graphs(g):
+                for node in sub.node:
+                    for i, x in enumerate(node.input):
+                        if x == name:
+                            node.input[i] = dst
+            new_nodes += base3_decode_nodes(name, dst, rows, n)
+            done.append(name)
+        if new_nodes:
+            existing = list(g.node)
+            del g.node[:]
+            g.node.extend(new_nodes + existing)
+    return done
+
+
 def share_external_data(models: dict[str, object], folder: Path, min_bytes: int = 64) -> dict:
     """Move every initializer of ``min_bytes`` or more into one data file, once per name.
 
@@ -323,6 +362,21 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
                         if arr.shape == cand.shape and np.allclose(arr, cand, atol=1e-6):
                             found.append(f"{fname}:{init.name} == {name}")
     return found
+
+
+def _base3_tables(packed_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``({NAME.qweight: base-3 bytes}, layout)`` of the tables a packed folder stores in base 3."""
+    from safetensors import safe_open
+
+    from dqtool.convert import LAYOUT_FILE, PACKED_FILE
+
+    layout = json.loads((packed_dir / LAYOUT_FILE).read_text())["layout"]
+    keys = [f"{n}.qweight" for n, e in layout.items() if e.get("storage") == "base3"]
+    out = {}
+    if keys:
+        with safe_open(str(packed_dir / PACKED_FILE), "pt") as f:
+            out = {k: f.get_tensor(k) for k in keys}
+    return out, layout
 
 
 # --------------------------------------------------------------------------- validation
@@ -440,10 +494,12 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
                     mod.onnx_plan = None
         names = canonical_names(model)
         encoder_root = spec_for(model.config).encoder.layers_path.rsplit(".", 1)[0]
-        models = {}
+        base3, disk_layout = _base3_tables(src)
+        models, stored_base3 = {}, set()
         for fname in (ENCODER_FILE, DECODER_FILE):
             m = onnx.load(str(raw / fname))
             rename_initializers(m, names, encoder_root if fname == ENCODER_FILE else "")
+            stored_base3.update(store_base3(m, base3, disk_layout))
             compact_names(m)
             models[fname] = m
         shared = share_external_data(models, tmp)
@@ -474,12 +530,14 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         sizes = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
         sizes["total"] = sum(sizes.values())
         sizes["packed_file_bytes"] = (packed_manifest.get("footprint") or {}).get("packed_file_bytes")
+        sizes["bound"] = (packed_manifest.get("footprint") or {}).get("bound")
         (tmp / EXPORT_FILE).write_text(json.dumps(
             {"wea": wea, "opset": OPSET, "plans": {k: v.__dict__ for k, v in plans.items()},
              "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL"}}, indent=1) + "\n")
         write_manifest(tmp, "export", inputs={"packed": describe_source(src),
                                               "packed_manifest_files": packed_manifest.get("files")},
                        config=cfg, extra={"wea": wea, "paths": counts, "check": check, "ops": ops,
+                                          "base3_tables": sorted(stored_base3),
                                           "shared_data": shared, "sizes": sizes,
                                           "faithful": "integer path: integer codes and scales exact, float "
                                                       "rescale rounding only" if not nbits else

@@ -259,3 +259,55 @@ def onnx_linear(packed, x: torch.Tensor) -> torch.Tensor:
     plan = packed.onnx_plan
     bias = packed.bias if packed.bias is not None else torch.zeros(plan.out_features, dtype=src.scale.dtype)
     return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, packed.spec, packed.act_spec)
+
+
+# --------------------------------------------------------------------------- base-3 storage
+
+def base3_decode_nodes(src: str, dst: str, rows: int, n: int) -> list:
+    """ONNX nodes that turn the base-3 initializer ``src`` (uint8 ``[rows, ceil(n/5)]``,
+    :func:`dqtool.pack.pack_base3`) into ``dst``: the same codes in the 2-bit layout (uint8
+    ``[rows, ceil(n/4)]``, :func:`dqtool.pack.pack_codes`), exactly.
+
+    Integer ops on an initializer only (Cast, Unsqueeze, Div, Mod, Reshape, Slice, Pad, Add,
+    Mul, ReduceSum on int32), so ONNX Runtime constant-folds them when the session starts and
+    the kernels read the same 2-bit bytes as without base-3 storage; nothing runs per step.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dqtool.pack import TRITS_PER_BYTE, base3_row_bytes, row_bytes
+
+    nb, m = base3_row_bytes(n), row_bytes(n, 2)
+    p = f"{dst}/"
+
+    def const(name, arr):
+        return helper.make_node("Constant", [], [p + name], value=numpy_helper.from_array(np.asarray(arr), p + name))
+
+    nodes = [
+        const("pow3", np.array([1, 3, 9, 27, 81], dtype=np.int32)),
+        const("three", np.array(3, dtype=np.int32)),
+        const("one", np.array(1, dtype=np.int32)),
+        const("axis", np.array([-1], dtype=np.int64)),
+        const("shape_trits", np.array([rows, nb * TRITS_PER_BYTE], dtype=np.int64)),
+        const("starts", np.array([0], dtype=np.int64)),
+        const("ends", np.array([n], dtype=np.int64)),
+        const("axes1", np.array([1], dtype=np.int64)),
+        const("pads", np.array([0, 0, 0, m * 4 - n], dtype=np.int64)),
+        const("shape_quads", np.array([rows, m, 4], dtype=np.int64)),
+        const("pow4", np.array([1, 4, 16, 64], dtype=np.int32)),
+        helper.make_node("Cast", [src], [p + "i32"], to=TensorProto.INT32),
+        helper.make_node("Unsqueeze", [p + "i32", p + "axis"], [p + "col"]),
+        helper.make_node("Div", [p + "col", p + "pow3"], [p + "shifted"]),          # [rows, nb, 5]
+        helper.make_node("Mod", [p + "shifted", p + "three"], [p + "trits"]),        # t = code + 1
+        helper.make_node("Reshape", [p + "trits", p + "shape_trits"], [p + "flat"]),
+        helper.make_node("Slice", [p + "flat", p + "starts", p + "ends", p + "axes1"], [p + "row"]),
+        helper.make_node("Add", [p + "row", p + "one"], [p + "u"]),                   # u = code + 2 (2-bit zero point)
+        helper.make_node("Pad", [p + "u", p + "pads", p + "two"], [p + "padded"]),   # padding: code 0
+        const("two", np.array(2, dtype=np.int32)),
+        helper.make_node("Reshape", [p + "padded", p + "shape_quads"], [p + "quads"]),
+        helper.make_node("Mul", [p + "quads", p + "pow4"], [p + "weighted"]),
+        helper.make_node("ReduceSum", [p + "weighted", p + "axis"], [p + "bytes"], keepdims=0),
+        helper.make_node("Cast", [p + "bytes"], [dst], to=TensorProto.UINT8),
+    ]
+    # Constants first (topological order).
+    return [nd for nd in nodes if nd.op_type == "Constant"] + [nd for nd in nodes if nd.op_type != "Constant"]
