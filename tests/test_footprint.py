@@ -183,6 +183,12 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
         used = {x for g in _all_graphs(opt.graph) for n in g.node for x in n.input}
         assert not any(n.endswith(".qweight") and n in used for n in m["base3_tables"]), fname
     assert (out / DATA_FILE).is_file()
+    # The report reads the bound per tensor group from either folder's manifest.
+    from dqtool.bench import bit_bound_of
+
+    bound = bit_bound_of(str(packed))
+    assert bound == bit_bound_of(str(out)) and set(bound) == {"codes", "scales", "floats", "positions", "total"}
+    assert bound["positions"] > 0 and bound["total"] == sum(v for k, v in bound.items() if k != "total")
     # Greedy generation: ONNX Runtime == the packed runtime == the QAT model.
     ref, _ = load_packed(packed)
     qat_model, _ = load_qat(q)
@@ -237,10 +243,17 @@ def test_legacy_folders_still_load_and_convert_unchanged(tmp_path):
     with torch.no_grad():
         assert torch.equal(old(input_ids=ids, decoder_input_ids=dec).logits,
                            ref(input_ids=ids, decoder_input_ids=dec).logits)
-    # Converted again with 2-bit storage: the same format-1 weights file, byte for byte.
+    # Converted again with 2-bit storage: the same format-1 folder (every tensor, dtype and
+    # layout entry; safetensors' header order of metadata keys is not deterministic).
     convert(qat_dir, tmp_path / "again", ConvertConfig(float_dtype="float32", check_samples=1, ternary_storage="2bit"))
-    assert json.loads((tmp_path / "again" / LAYOUT_FILE).read_text())["format_version"] == 1
-    assert (tmp_path / "again" / PACKED_FILE).read_bytes() == (packed_dir / PACKED_FILE).read_bytes()
+    new_doc = json.loads((tmp_path / "again" / LAYOUT_FILE).read_text())
+    old_doc = json.loads((packed_dir / LAYOUT_FILE).read_text())
+    assert new_doc["format_version"] == 1 and new_doc["layout"] == old_doc["layout"]
+    with safe_open(str(tmp_path / "again" / PACKED_FILE), "pt") as a, safe_open(str(packed_dir / PACKED_FILE), "pt") as b:
+        assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            x, y = a.get_tensor(k), b.get_tensor(k)
+            assert x.dtype == y.dtype and torch.equal(x, y), k
     # And with base-3 storage: smaller codes, same logits.
     convert(qat_dir, tmp_path / "b3", ConvertConfig(float_dtype="float32", check_samples=1))
     b3, _ = load_packed(tmp_path / "b3")
@@ -261,3 +274,18 @@ def test_cli_convert_shows_bound_per_group_and_takes_storage(tmp_path):
     assert a < b
     r = CliRunner().invoke(main, ["convert", str(q), str(tmp_path / "x"), "--ternary-storage", "base4"])
     assert r.exit_code == 2 and not (tmp_path / "x").exists()
+
+
+def test_recipe_and_cli_take_position_bits():
+    from dqtool.compress import recipe_from_dict
+
+    r = recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "schemes": ["2-2-8", "8-8-8"],
+                          "qat": {"pos_bits": "e"}, "convert": {"ternary_storage": "2bit"}})
+    assert {w: c.scheme.pos_bits for w, c in r.qats.items()} == {"2-2-8": 2, "8-8-8": 8}
+    assert r.convert.ternary_storage == "2bit"
+    assert all(c.scheme.pos_bits is None for c in recipe_from_dict({"teacher": "t", "data": "d", "work": "w"}
+                                                                   ).qats.values())
+    with pytest.raises(DQToolError, match="ternary-storage"):
+        recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "convert": {"ternary_storage": "base4"}})
+    r = CliRunner().invoke(main, ["qat", "s", "o", "--data", "d", "--pos-bits", "7"])
+    assert r.exit_code == 2 and "position bits" in r.output or "bits 7" in r.output
