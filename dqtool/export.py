@@ -36,6 +36,7 @@ import torch
 
 from dqtool.errors import DQToolError
 from dqtool.manifest import atomic_output, check_output, verify_folder, write_manifest
+from dqtool.pack import unpack_codes
 from dqtool.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block
 from dqtool.ort_runtime import ENCODER_FILE, session_options  # the file names the runtime loads
 from dqtool.ort_runtime import MERGED_FILE as DECODER_FILE
@@ -110,7 +111,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         plans = plan_linears(load_packed("runs/packed")[0], ExportConfig())
         plans["model.encoder.layers.0.fc1"].path   # 'integer'
     """
-    from dqtool.packed import PackedEmbedding, PackedLinear
+    from dqtool.packed import PackedEmbedding, PackedLinear, PackedPositionEmbedding
     from dqtool.registry import runs_per_token, spec_for
 
     arch = spec_for(model.config)
@@ -119,9 +120,9 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
     memory_bound = per_token_weights >= cfg.nbits_min_weights
     plans = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, PackedEmbedding) and mod.spec.bits not in NBITS_BITS:
-            raise DQToolError(f"{mod.spec.bits}-bit embeddings cannot be exported (the ONNX graphs unpack 2, 4 or "
-                              f"8 bits per code): choose E bits 2, 4 or 8")
+        if isinstance(mod, (PackedEmbedding, PackedPositionEmbedding)) and mod.spec.bits not in NBITS_BITS:
+            raise DQToolError(f"{mod.spec.bits}-bit embeddings or positions cannot be exported (the ONNX graphs "
+                              f"unpack 2, 4 or 8 bits per code): choose E bits (and --pos-bits) 2, 4 or 8")
         if not isinstance(mod, PackedLinear):
             continue  # float Linears (a W 'none' scheme, or the lm_head tied to a float embedding) stay float
         spec = mod.spec
@@ -341,7 +342,7 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
     import onnx
     from onnx import numpy_helper
 
-    from dqtool.packed import PackedEmbedding, PackedLinear
+    from dqtool.packed import PackedEmbedding, PackedLinear, PackedPositionEmbedding
 
     weights = []
     for name, mod in packed_model.named_modules():
@@ -350,6 +351,9 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
         elif isinstance(mod, PackedEmbedding):
             ids = torch.arange(mod.num_embeddings)
             weights.append((name, (mod(ids) / mod.embed_scale).detach().numpy()))
+        elif isinstance(mod, PackedPositionEmbedding):
+            codes = unpack_codes(mod.qweight, mod.spec.bits, mod.embedding_dim)
+            weights.append((name, (codes.to(mod.scale.dtype) * mod.scale.unsqueeze(-1)).detach().numpy()))
     found = []
     for fname, m in models.items():
         for g in _all_graphs(m.graph):
