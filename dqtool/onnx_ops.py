@@ -268,9 +268,12 @@ def base3_decode_nodes(src: str, dst: str, rows: int, n: int) -> list:
     :func:`dqtool.pack.pack_base3`) into ``dst``: the same codes in the 2-bit layout (uint8
     ``[rows, ceil(n/4)]``, :func:`dqtool.pack.pack_codes`), exactly.
 
-    Integer ops on an initializer only (Cast, Unsqueeze, Div, Mod, Reshape, Slice, Pad, Add,
-    Mul, ReduceSum on int32), so ONNX Runtime constant-folds them when the session starts and
-    the kernels read the same 2-bit bytes as without base-3 storage; nothing runs per step.
+    A Gather into a 243x5 table turns each byte into its five 2-bit values (``trit + 1`` =
+    ``code + 2``, the 2-bit zero point; base 3's padding trit 1 is the 2-bit padding value
+    2), then four values at a time are shifted into one byte (BitShift, BitwiseOr on
+    uint8). Only an initializer feeds them, so ONNX Runtime constant-folds them when the
+    session starts and the kernels read the same 2-bit bytes as without base-3 storage;
+    nothing runs per step.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -278,36 +281,41 @@ def base3_decode_nodes(src: str, dst: str, rows: int, n: int) -> list:
     from dqtool.pack import TRITS_PER_BYTE, base3_row_bytes, row_bytes
 
     nb, m = base3_row_bytes(n), row_bytes(n, 2)
+    have, need = nb * TRITS_PER_BYTE, m * 4
     p = f"{dst}/"
+    lut = np.array([[(b // 3 ** i) % 3 + 1 for i in range(TRITS_PER_BYTE)] for b in range(3 ** TRITS_PER_BYTE)],
+                   dtype=np.uint8)
 
-    def const(name, arr):
-        return helper.make_node("Constant", [], [p + name], value=numpy_helper.from_array(np.asarray(arr), p + name))
+    def const(name, arr):  # (unnamed values: identical ones across tables are merged by the exporter)
+        return helper.make_node("Constant", [], [p + name], value=numpy_helper.from_array(np.asarray(arr)))
 
-    nodes = [
-        const("pow3", np.array([1, 3, 9, 27, 81], dtype=np.int32)),
-        const("three", np.array(3, dtype=np.int32)),
-        const("one", np.array(1, dtype=np.int32)),
-        const("axis", np.array([-1], dtype=np.int64)),
-        const("shape_trits", np.array([rows, nb * TRITS_PER_BYTE], dtype=np.int64)),
-        const("starts", np.array([0], dtype=np.int64)),
-        const("ends", np.array([n], dtype=np.int64)),
-        const("axes1", np.array([1], dtype=np.int64)),
-        const("pads", np.array([0, 0, 0, m * 4 - n], dtype=np.int64)),
-        const("shape_quads", np.array([rows, m, 4], dtype=np.int64)),
-        const("pow4", np.array([1, 4, 16, 64], dtype=np.int32)),
-        helper.make_node("Cast", [src], [p + "i32"], to=TensorProto.INT32),
-        helper.make_node("Unsqueeze", [p + "i32", p + "axis"], [p + "col"]),
-        helper.make_node("Div", [p + "col", p + "pow3"], [p + "shifted"]),          # [rows, nb, 5]
-        helper.make_node("Mod", [p + "shifted", p + "three"], [p + "trits"]),        # t = code + 1
-        helper.make_node("Reshape", [p + "trits", p + "shape_trits"], [p + "flat"]),
-        helper.make_node("Slice", [p + "flat", p + "starts", p + "ends", p + "axes1"], [p + "row"]),
-        helper.make_node("Add", [p + "row", p + "one"], [p + "u"]),                   # u = code + 2 (2-bit zero point)
-        helper.make_node("Pad", [p + "u", p + "pads", p + "two"], [p + "padded"]),   # padding: code 0
-        const("two", np.array(2, dtype=np.int32)),
-        helper.make_node("Reshape", [p + "padded", p + "shape_quads"], [p + "quads"]),
-        helper.make_node("Mul", [p + "quads", p + "pow4"], [p + "weighted"]),
-        helper.make_node("ReduceSum", [p + "weighted", p + "axis"], [p + "bytes"], keepdims=0),
-        helper.make_node("Cast", [p + "bytes"], [dst], to=TensorProto.UINT8),
-    ]
-    # Constants first (topological order).
-    return [nd for nd in nodes if nd.op_type == "Constant"] + [nd for nd in nodes if nd.op_type != "Constant"]
+    consts = [const("lut", lut), const("shape_vals", np.array([rows, have], dtype=np.int64)),
+              const("shape_quads", np.array([rows, m, 4], dtype=np.int64)),
+              const("shape_out", np.array([rows, m], dtype=np.int64))]
+    nodes = [helper.make_node("Cast", [src], [p + "idx"], to=TensorProto.INT32),
+             helper.make_node("Gather", [p + "lut", p + "idx"], [p + "vals5"], axis=0),       # [rows, nb, 5]
+             helper.make_node("Reshape", [p + "vals5", p + "shape_vals"], [p + "vals"])]    # [rows, 5 nb]
+    vals = p + "vals"
+    if have > need:
+        consts += [const("zero", np.array([0], dtype=np.int64)), const("need", np.array([need], dtype=np.int64)),
+                   const("axis1", np.array([1], dtype=np.int64))]
+        nodes.append(helper.make_node("Slice", [vals, p + "zero", p + "need", p + "axis1"], [p + "cut"]))
+        vals = p + "cut"
+    elif have < need:   # pad with the value of code 0
+        consts += [const("two", np.array(2, dtype=np.uint8)),
+                   const("pad_shape", np.array([rows, need - have], dtype=np.int64))]
+        nodes += [helper.make_node("Expand", [p + "two", p + "pad_shape"], [p + "pad"]),
+                  helper.make_node("Concat", [vals, p + "pad"], [p + "padded"], axis=1)]
+        vals = p + "padded"
+    consts += [const("s2", np.array(2, dtype=np.uint8)), const("s4", np.array(4, dtype=np.uint8)),
+               const("s6", np.array(6, dtype=np.uint8))]
+    nodes += [helper.make_node("Reshape", [vals, p + "shape_quads"], [p + "quads"]),
+              helper.make_node("Split", [p + "quads"], [p + f"v{i}" for i in range(4)], axis=2, num_outputs=4),
+              helper.make_node("BitShift", [p + "v1", p + "s2"], [p + "w1"], direction="LEFT"),
+              helper.make_node("BitShift", [p + "v2", p + "s4"], [p + "w2"], direction="LEFT"),
+              helper.make_node("BitShift", [p + "v3", p + "s6"], [p + "w3"], direction="LEFT"),
+              helper.make_node("BitwiseOr", [p + "v0", p + "w1"], [p + "o1"]),
+              helper.make_node("BitwiseOr", [p + "o1", p + "w2"], [p + "o2"]),
+              helper.make_node("BitwiseOr", [p + "o2", p + "w3"], [p + "o3"]),
+              helper.make_node("Reshape", [p + "o3", p + "shape_out"], [dst])]
+    return consts + nodes
