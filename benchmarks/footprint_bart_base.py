@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
-from dqtool.convert import ConvertConfig, convert
-from dqtool.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
-from dqtool.manifest import write_manifest
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.formats.manifest import write_manifest
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -61,7 +61,7 @@ def folder_bytes(p: Path) -> int:
 def session_start(folder: Path, runs: int = 3) -> dict:
     import onnxruntime as ort
 
-    from dqtool.ort_runtime import session_options
+    from dqtool.runtimes.ort import session_options
 
     times = []
     for _ in range(runs):
@@ -77,7 +77,7 @@ def folded(folder: Path, base3: list[str], tmp: Path) -> dict:
     import onnx
     import onnxruntime as ort
 
-    from dqtool.ort_runtime import session_options
+    from dqtool.runtimes.ort import session_options
 
     out = {}
     for f in (ENCODER_FILE, DECODER_FILE):
@@ -99,7 +99,7 @@ def cell(root: Path, enc: int, dec: int, wea: str, storage: str = "base3") -> di
     prepare(model, scheme)
     q = root / f"qat-{enc}-{dec}-{wea}"
     q.mkdir()
-    _save_qat(model, _NoTokenizer(), q, scheme)
+    save_qat(model, _NoTokenizer(), q, scheme)
     write_manifest(q, "qat", inputs={}, config={"steps": 0})
     del model
     t0 = time.perf_counter()

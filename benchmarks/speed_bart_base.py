@@ -5,7 +5,7 @@ layers, FFN 3072, vocab 50265) is built from its config with random weights, sav
 then everything goes through the real code: ``dqtool distill`` (6+6 -> E+D), a QAT folder
 written without training (prepare + save: the packed/exported graph is the same as after
 training), ``dqtool convert``, ``dqtool export``, and ``dqtool bench``'s latency measurement
-with the peers built by ``dqtool.peers`` from the same teacher. Quality is not measured
+with the peers built by ``dqtool.stages.bench.peers`` from the same teacher. Quality is not measured
 (random weights). Writes ``benchmarks/results/speed_bart_base.{json,md}``.
 
 Usage::
@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
-from dqtool.bench import BenchConfig, folder_target, machine, measure
-from dqtool.convert import ConvertConfig, convert
-from dqtool.distill import DistillConfig, distill
-from dqtool.export import ExportConfig, export
-from dqtool.loading import load_seq2seq
-from dqtool.manifest import write_manifest
-from dqtool.peers import build_peers
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.stages.bench.stage import BenchConfig, machine, measure
+from dqtool.stages.bench.target import folder_target
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.stages.export import ExportConfig, export
+from dqtool.formats.hf import load_seq2seq
+from dqtool.formats.manifest import write_manifest
+from dqtool.stages.bench.peers import build_peers
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -81,7 +82,7 @@ def main() -> None:
         model, tok = load_seq2seq(student)
         prepare(model, scheme)
         qat_dir.mkdir(parents=True)
-        _save_qat(model, tok, qat_dir, scheme)
+        save_qat(model, tok, qat_dir, scheme)
         write_manifest(qat_dir, "qat", {"student": str(student)}, {"note": "untrained: latency only"})
     packed = w / f"packed-{tag}"
     if not packed.exists():

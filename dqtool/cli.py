@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from dqtool import __version__
-from dqtool.errors import DQToolError
+from dqtool.base.version import __version__
+from dqtool.base.errors import DQToolError
 
 
 class _Group(click.Group):
@@ -37,7 +37,7 @@ def main() -> None:
 
 
 def _map_option(value: str | None) -> tuple[int, ...] | None:
-    from dqtool.layermap import parse_map
+    from dqtool.model.layermap import parse_map
 
     return None if value is None else tuple(parse_map(value))
 
@@ -62,7 +62,7 @@ def distill(teacher, out, encoder_layers, decoder_layers, map_scheme, encoder_ma
 
     TEACHER is a Hugging Face hub id or a local folder written by save_pretrained.
     """
-    from dqtool.distill import DistillConfig, distill as run_distill
+    from dqtool.stages.distill import DistillConfig, distill as run_distill
 
     enc_map, dec_map = _map_option(encoder_map), _map_option(decoder_map)
     cfg = DistillConfig(
@@ -106,8 +106,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 
     MODEL is a Hugging Face model folder or hub id, a 'dqtool qat' output or a 'dqtool convert' output.
     """
-    from dqtool.data import DataConfig
-    from dqtool.evaluate import EvalConfig, evaluate_model
+    from dqtool.data.pairs import DataConfig
+    from dqtool.stages.evaluate import EvalConfig, evaluate_model
 
     overrides = {k: v for k, v in dict(num_beams=num_beams, max_length=max_length, min_length=min_length,
                                        length_penalty=length_penalty,
@@ -137,7 +137,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
               help="One weight scale per tensor, per output row, or per group of input columns.")
 @click.option("--group-size", type=int, default=None, help="Input columns per scale with --weight-granularity group.")
 @click.option("--act-clip", type=click.Choice(["dynamic", "pact"]), default="dynamic", show_default=True,
-              help="Activation range: per-batch max|x| (DQ-BART) or a learned PACT clip per quantizer.")
+              help="Activation range: the dynamic max|x| (per token or per tensor, see --act-granularity) or a "
+                   "learned PACT clip per quantizer.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric (zero-point) activation quantization.")
 @click.option("--act-granularity", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
               help="Dynamic activation range per token (a row's result never depends on its batch) or per "
@@ -190,9 +191,9 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_cl
     STUDENT is a folder from 'dqtool distill' (its layer map pairs student and teacher
     layers). Checkpoints go to OUT.partial/ until training completes.
     """
-    from dqtool.losses import LossConfig
-    from dqtool.qat import QATConfig, qat as run_qat
-    from dqtool.scheme import QuantScheme
+    from dqtool.model.losses import LossConfig
+    from dqtool.stages.qat import QATConfig, qat as run_qat
+    from dqtool.qmath.scheme import QuantScheme
 
     scheme = QuantScheme.from_wea_pos(wea, pos_bits, weight_granularity=weight_granularity, weight_group_size=group_size,
                                   act_clip=act_clip, act_symmetric=not act_asymmetric,
@@ -232,7 +233,7 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
     Prints the footprint: the weights file, the bit-count bound of the scheme, and the
     ratio to the fp32 teacher checkpoint.
     """
-    from dqtool.convert import ConvertConfig, convert as run_convert
+    from dqtool.stages.convert import ConvertConfig, convert as run_convert
 
     cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher,
                         ternary_storage=ternary_storage)
@@ -269,7 +270,7 @@ def export(packed, out, matmul, accuracy_level, rtol, force):
 
     Every export is validated against the packed PyTorch model before OUT appears.
     """
-    from dqtool.export import ExportConfig, export as run_export
+    from dqtool.stages.export import ExportConfig, export as run_export
 
     r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol),
                    force=force)
@@ -337,7 +338,7 @@ def _finish_gates(results: list[dict]) -> None:
 def bench(models, out_dir, data, split, max_samples, max_length, source_tokens, new_tokens, batch_sizes, runs, warmup,
           threads, device, teacher, student, peers, no_plots, force, min_ratio, max_quality_drop, max_latency):
     """Footprint, latency and quality of MODELS (any folders dqtool eval takes), the teacher and peers."""
-    from dqtool.bench import BenchConfig, Gates, bench as run_bench, check_gates
+    from dqtool.stages.bench.stage import BenchConfig, Gates, bench as run_bench, check_gates
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())

@@ -37,15 +37,35 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dqtool.errors import DQToolError
+from dqtool.base.config_error import ConfigError
+from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "act_clip", "act_asymmetric", "act_granularity",
                "quantize_attention", "pos_bits")
-LOSS_KEYS = ("loss_task", "loss_logits", "loss_hidden", "loss_attention", "loss_enc_last", "logits_loss",
-             "temperature")
+# Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
+# fields under the names the CLI flags use (so a recipe reads like the command line).
+SCHEME_FIELDS = {"weight_granularity": "weight_granularity", "group_size": "weight_group_size",
+                 "act_clip": "act_clip", "act_granularity": "act_granularity",
+                 "quantize_attention": "quantize_attention"}  # act_asymmetric: the negation of act_symmetric
+LOSS_FIELDS = {"loss_task": "task", "loss_logits": "logits", "loss_hidden": "hidden", "loss_attention": "attention",
+               "loss_enc_last": "enc_last", "logits_loss": "logits_kind", "temperature": "temperature"}
+LOSS_KEYS = tuple(LOSS_FIELDS)
+# Config fields whose recipe key differs: field -> key, per section.
+RECIPE_KEYS = {"qat": {**{f: k for k, f in SCHEME_FIELDS.items()}, **{f: k for k, f in LOSS_FIELDS.items()},
+                       "act_symmetric": "act_asymmetric"},
+               "distill": {"map_scheme": "layer_map"}}
 DISTILL_KEYS = ("encoder_layers", "decoder_layers", "layer_map", "encoder_map", "decoder_map")
 GATE_KEYS = ("min_ratio", "max_quality_drop", "max_latency_ms")
+
+
+def _section(section: str, build):
+    """``build()``, its config errors naming the recipe key (``bench.runs``), not the CLI flag."""
+    try:
+        return build()
+    except ConfigError as e:
+        keys = RECIPE_KEYS.get(section, {})
+        raise e.named(lambda f: f"{section}.{keys.get(f, f)}") from None
 
 
 def _allowed(cls, exclude=()) -> tuple[str, ...]:
@@ -105,16 +125,16 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
         >>> recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "qat": {"max_step": 5}})
         Traceback (most recent call last):
         ...
-        dqtool.errors.DQToolError: recipe key 'qat.max_step' is unknown: allowed keys in 'qat' are ...
+        dqtool.base.errors.DQToolError: recipe key 'qat.max_step' is unknown: allowed keys in 'qat' are ...
     """
-    from dqtool.bench import BenchConfig, Gates
-    from dqtool.convert import ConvertConfig
-    from dqtool.distill import DistillConfig
-    from dqtool.export import ExportConfig
-    from dqtool.losses import LossConfig
-    from dqtool.qat import QATConfig
-    from dqtool.quant import parse_wea
-    from dqtool.scheme import QuantScheme
+    from dqtool.stages.bench.stage import BenchConfig, Gates
+    from dqtool.stages.convert import ConvertConfig
+    from dqtool.stages.distill import DistillConfig
+    from dqtool.stages.export import ExportConfig
+    from dqtool.model.losses import LossConfig
+    from dqtool.stages.qat import QATConfig
+    from dqtool.qmath.quant import parse_wea
+    from dqtool.qmath.scheme import QuantScheme
 
     top = _check_keys("recipe", raw, TOP_KEYS)
     for key in ("teacher", "data", "work"):
@@ -128,30 +148,33 @@ def recipe_from_dict(raw: Any, base: Path = Path(".")) -> Recipe:
 
     d = _check_keys("distill", top.get("distill"), DISTILL_KEYS)
     maps = {k: tuple(int(x) for x in d[k]) if d.get(k) is not None else None for k in ("encoder_map", "decoder_map")}
-    distill = DistillConfig(encoder_layers=d.get("encoder_layers"), decoder_layers=d.get("decoder_layers"),
-                            map_scheme=d.get("layer_map", "sft"), **maps)
+    dkw = {"map_scheme": d["layer_map"]} if "layer_map" in d else {}
+    distill = _section("distill", lambda: DistillConfig(encoder_layers=d.get("encoder_layers"),
+                                                        decoder_layers=d.get("decoder_layers"), **dkw, **maps))
 
     q = _check_keys("qat", top.get("qat"), _allowed(QATConfig, ("data", "scheme", "losses")) + SCHEME_KEYS
                     + LOSS_KEYS)
     skw = {k: q.pop(k) for k in SCHEME_KEYS if k in q}
     lkw = {k: q.pop(k) for k in LOSS_KEYS if k in q}
-    losses = LossConfig(**{("logits_kind" if k == "logits_loss" else k.replace("loss_", "")): v
-                           for k, v in lkw.items()})
-    scheme_kw = dict(weight_granularity=skw.get("weight_granularity", "row"), weight_group_size=skw.get("group_size"),
-                     act_clip=skw.get("act_clip", "dynamic"), act_symmetric=not skw.get("act_asymmetric", False),
-                     act_granularity=skw.get("act_granularity", "token"),
-                     quantize_attention=skw.get("quantize_attention", True))
+    losses = _section("qat", lambda: LossConfig(**{LOSS_FIELDS[k]: v for k, v in lkw.items()}))
+    # Only what the recipe sets: every other field keeps QuantScheme's default.
+    scheme_kw = {SCHEME_FIELDS[k]: v for k, v in skw.items() if k in SCHEME_FIELDS}
+    if "act_asymmetric" in skw:
+        scheme_kw["act_symmetric"] = not skw["act_asymmetric"]
     qats = {}
     for wea in schemes:
         parse_wea(str(wea), option="schemes")  # the error then names the recipe key
-        scheme = QuantScheme.from_wea_pos(str(wea), skw.get("pos_bits"), **scheme_kw)
-        qats[scheme.wea] = QATConfig(data=top["data"], scheme=scheme, losses=losses, **q)
+        # pos_bits: "e" (the scheme's E bits), "none" or a bit width.
+        scheme = _section("qat", lambda: QuantScheme.from_wea_pos(str(wea), skw.get("pos_bits"), **scheme_kw))
+        qats[scheme.wea] = _section("qat", lambda: QATConfig(data=top["data"], scheme=scheme, losses=losses, **q))
 
-    convert = ConvertConfig(**_check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",))),
-                            teacher=top["teacher"])
-    export = ExportConfig(**_check_keys("export", top.get("export"), _allowed(ExportConfig)))
+    c = _check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",)))
+    convert = _section("convert", lambda: ConvertConfig(**c, teacher=top["teacher"]))
+    e = _check_keys("export", top.get("export"), _allowed(ExportConfig))
+    export = _section("export", lambda: ExportConfig(**e))
     b = _check_keys("bench", top.get("bench"), _allowed(BenchConfig, ("data", "teacher", "student")))
-    bench = BenchConfig(data=top["data"], teacher=top["teacher"], student=str(Path(top["work"]) / "student"), **b)
+    bench = _section("bench", lambda: BenchConfig(data=top["data"], teacher=top["teacher"],
+                                                  student=str(Path(top["work"]) / "student"), **b))
     gates = Gates(**_check_keys("gates", top.get("gates"), GATE_KEYS))
     return Recipe(teacher=top["teacher"], data=top["data"], work=Path(top["work"]), distill=distill, qats=qats,
                   convert=convert, export=export, bench=bench, gates=gates, source=top)
@@ -165,16 +188,17 @@ class Step:
     out: Path
     config: Any
     status: str = ""      # done | run | resume
+    source: Path | None = None  # the folder this stage reads (the previous stage's output)
 
 
 def _config_json(cfg) -> str:
-    from dqtool.manifest import _jsonable
+    from dqtool.formats.manifest import jsonable
 
-    return json.dumps(_jsonable(cfg), sort_keys=True)
+    return json.dumps(jsonable(cfg), sort_keys=True)
 
 
 def _status(step: Step, upstream_ran: bool) -> str:
-    from dqtool.manifest import verify_folder
+    from dqtool.formats.manifest import verify_folder
 
     if step.stage == "qat" and step.out.with_name(step.out.name + ".partial").is_dir() and not step.out.exists():
         return "resume"
@@ -190,10 +214,12 @@ def _status(step: Step, upstream_ran: bool) -> str:
 def plan(recipe: Recipe) -> list[Step]:
     """The stages in order with their status (done / run / resume)."""
     w = recipe.work
-    steps = [Step("distill", w / "student", recipe.distill)]
+    steps = [Step("distill", w / "student", recipe.distill, source=recipe.teacher)]
     for wea, qcfg in recipe.qats.items():
-        steps += [Step("qat", w / f"qat-{wea}", qcfg), Step("convert", w / f"packed-{wea}", recipe.convert),
-                  Step("export", w / f"onnx-{wea}", recipe.export)]
+        qat_dir, packed_dir = w / f"qat-{wea}", w / f"packed-{wea}"
+        steps += [Step("qat", qat_dir, qcfg, source=steps[0].out),
+                  Step("convert", packed_dir, recipe.convert, source=qat_dir),
+                  Step("export", w / f"onnx-{wea}", recipe.export, source=packed_dir)]
     steps.append(Step("bench", w / "bench", recipe.bench))
     ran_distill = False
     ran_branch = False
@@ -236,11 +262,11 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
     Example (needs real folders, so not run as a doctest)::
         r = compress(load_recipe("recipes/demo.yaml")); r.ok
     """
-    from dqtool.bench import bench, check_gates
-    from dqtool.convert import convert
-    from dqtool.distill import distill
-    from dqtool.export import export
-    from dqtool.qat import qat
+    from dqtool.stages.bench.stage import bench, check_gates
+    from dqtool.stages.convert import convert
+    from dqtool.stages.distill import distill
+    from dqtool.stages.export import export
+    from dqtool.stages.qat import qat
 
     steps = plan(recipe)
     if force:
@@ -249,20 +275,19 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
     log("plan:\n" + describe(steps))
     if dry_run:
         return CompressResult(steps, None, [])
-    student = recipe.work / "student"
     for s in steps:
         if s.status == "done":
             continue
         log(f"== {s.stage} -> {s.out}")
         if s.stage == "distill":
-            distill(recipe.teacher, s.out, s.config, force=True)
+            distill(s.source, s.out, s.config, force=True)
         elif s.stage == "qat":
-            qat(student, s.out, s.config, teacher=recipe.teacher, force=s.status == "run",
+            qat(s.source, s.out, s.config, teacher=recipe.teacher, force=s.status == "run",
                 resume=s.status == "resume", cache_dir=recipe.work / "cache")
         elif s.stage == "convert":
-            convert(s.out.with_name(s.out.name.replace("packed-", "qat-", 1)), s.out, s.config, force=True)
+            convert(s.source, s.out, s.config, force=True)
         elif s.stage == "export":
-            export(s.out.with_name(s.out.name.replace("onnx-", "packed-", 1)), s.out, s.config, force=True)
+            export(s.source, s.out, s.config, force=True)
         elif s.stage == "bench":
             onnx_dirs = [str(x.out) for x in steps if x.stage == "export"]
             bench(onnx_dirs, s.out, s.config, force=True, log=log)

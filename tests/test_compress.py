@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dqtool.bench import SCHEMA_VERSION
+from dqtool.stages.bench.stage import SCHEMA_VERSION
 from dqtool.cli import main
 from dqtool.compress import load_recipe, plan
 from tiny import write_pairs
@@ -42,9 +42,14 @@ def _recipe(root: Path, data: Path, teacher: Path, name="recipe.yaml", **over) -
     ({"tacher": "x"}, "recipe key 'recipe.tacher' is unknown: allowed keys in 'recipe' are teacher"),
     ({"qat": {"max_step": 3}}, "recipe key 'qat.max_step' is unknown"),
     ({"schemes": ["5-2-8"]}, "schemes '5-2-8': weight bits '5' is not supported"),
-    ({"bench": {"runs": 0}}, "--runs must be at least 1"),
+    ({"bench": {"runs": 0}}, "error: bench.runs must be at least 1"),
+    ({"qat": {"learning_rate": 0}}, "error: qat.learning_rate must be > 0"),
+    ({"qat": {"loss_task": -1}}, "error: qat.loss_task must be a number >= 0"),
+    ({"qat": {"logits_loss": "l1"}}, "error: qat.logits_loss 'l1' is not supported"),
+    ({"distill": {"layer_map": "odd"}}, "error: distill.layer_map 'odd' is unknown"),
+    ({"convert": {"tolerance": 0}}, "error: convert.tolerance must be > 0"),
     ({"bench": {"peers": ["onnx-magic"]}}, "peer 'onnx-magic' is unknown"),
-    ({"export": {"matmul": "fast"}}, "--matmul 'fast' is not supported"),
+    ({"export": {"matmul": "fast"}}, "error: export.matmul 'fast' is not supported"),
     ({"gates": {"min_ratios": 3}}, "recipe key 'gates.min_ratios' is unknown: allowed keys in 'gates' are min_ratio"),
 ])
 def test_bad_recipe_is_one_line_error_before_anything_runs(setup, tmp_path, over, message):
@@ -167,7 +172,7 @@ def test_bench_cli_on_folders(done, tmp_path):
 def test_bench_leaves_the_thread_count_as_it_was(done, tmp_path):
     import torch
 
-    from dqtool.bench import BenchConfig, bench
+    from dqtool.stages.bench.stage import BenchConfig, bench
 
     root, rec, _ = done
     before = torch.get_num_threads()

@@ -2,6 +2,7 @@
 PyTorch runtime; one copy of every weight; clear errors for what ORT cannot run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,10 @@ import torch
 from click.testing import CliRunner
 
 from dqtool.cli import main
-from dqtool.convert import ConvertConfig, convert, load_packed
-from dqtool.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
-from dqtool.manifest import verify_folder
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
+from dqtool.formats.manifest import verify_folder
 from test_convert import make_qat
 
 
@@ -77,7 +79,7 @@ def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, sch
     """With per-token activation ranges a request's tokens do not depend on what else is in
     the batch, or on how much padding that adds: alone or batched, in the packed runtime
     and in ONNX Runtime, greedy tokens are the same (per-tensor ranges broke this)."""
-    from dqtool.ort_runtime import load_onnx
+    from dqtool.runtimes.ort import load_onnx
 
     packed = _packed(tmp_path, "bart", scheme)
     export(packed, tmp_path / "onnx")
@@ -151,23 +153,46 @@ def test_unsupported_scheme_is_refused_before_export(tmp_path, scheme, args, mes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx")]
 
 
-def test_cli_export_and_bad_inputs(tmp_path):
-    packed = _packed(tmp_path, "bart", "2-2-8")
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    """One packed folder and its export through the CLI, shared by the CLI tests below."""
+    root = tmp_path_factory.mktemp("cli_export")
+    packed = _packed(root, "bart", "2-2-8")
+    r = CliRunner().invoke(main, ["export", str(packed), str(root / "onnx")])
+    return root, packed, r
+
+
+def test_cli_export_reports_ops_and_parity(cli_export):
+    _, _, r = cli_export
     assert r.exit_code == 0, r.output
     assert "MatMulInteger" in r.output and "identical" in r.output
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+
+
+def test_cli_export_existing_out_needs_force(cli_export):
+    root, packed, _ = cli_export
+    r = CliRunner().invoke(main, ["export", str(packed), str(root / "onnx")])
     assert r.exit_code == 2 and "--force" in r.output
-    r = CliRunner().invoke(main, ["export", str(tmp_path / "qat"), str(tmp_path / "o2")])
+
+
+def test_cli_export_refuses_a_folder_that_is_not_packed(cli_export):
+    root, _, _ = cli_export
+    r = CliRunner().invoke(main, ["export", str(root / "qat"), str(root / "o2")])
     assert r.exit_code == 2 and "not a packed folder" in r.output
-    (packed / "packing.json").write_text(json.dumps({"tampered": True}))
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "o3")])
+    assert not (root / "o2").exists()
+
+
+def test_cli_export_refuses_an_edited_packed_folder(cli_export, tmp_path):
+    root, packed, _ = cli_export
+    edited = tmp_path / "packed"
+    shutil.copytree(packed, edited)
+    (edited / "packing.json").write_text(json.dumps({"tampered": True}))
+    r = CliRunner().invoke(main, ["export", str(edited), str(tmp_path / "o3")])
     assert r.exit_code == 2 and "does not match its hash" in r.output
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert not (tmp_path / "o3").exists()
 
 
 def test_auto_plan_integer_for_many_rows_nbits_per_token(tmp_path):
-    from dqtool.export import plan_linears
+    from dqtool.stages.export import plan_linears
 
     model, _ = load_packed(_packed(tmp_path, "bart", "2-2-8"))
     plans = plan_linears(model, ExportConfig(nbits_min_weights=1))  # tiny model: treat its decoder as memory-bound

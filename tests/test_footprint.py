@@ -12,14 +12,15 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from dqtool.cli import main
-from dqtool.convert import LAYOUT_FILE, PACKED_FILE, ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.manifest import verify_folder, write_manifest
-from dqtool.pack import base3_row_bytes, base3_to_2bit, pack_base3, pack_codes, unpack_base3
-from dqtool.packed import PackedPositionEmbedding
-from dqtool.qat import _save_qat, load_qat
-from dqtool.qmodules import QuantPositionEmbedding, prepare
-from dqtool.scheme import QuantScheme
+from dqtool.formats.packed import LAYOUT_FILE, PACKED_FILE, load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.formats.manifest import verify_folder, write_manifest
+from dqtool.qmath.pack import base3_row_bytes, base3_to_2bit, pack_base3, pack_codes, unpack_base3
+from dqtool.model.packed import PackedPositionEmbedding
+from dqtool.formats.qat import load_qat, save_qat
+from dqtool.model.qmodules import QuantPositionEmbedding, prepare
+from dqtool.qmath.scheme import QuantScheme
 from tiny import tiny_model, tiny_tokenizer
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_v1"
@@ -32,7 +33,7 @@ def _qat(path: Path, arch: str, wea: str, pos="e", enc=2, dec=2, edit=None) -> P
     scheme = QuantScheme.from_wea_pos(wea, pos)
     prepare(model, scheme)
     path.mkdir(parents=True)
-    _save_qat(model, tiny_tokenizer(), path, scheme)
+    save_qat(model, tiny_tokenizer(), path, scheme)
     write_manifest(path, "qat", inputs={}, config={})
     return path
 
@@ -73,8 +74,8 @@ def test_onnx_base3_decode_nodes_equal_the_pytorch_decoder(n):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from dqtool.onnx_ops import base3_decode_nodes
-    from dqtool.pack import row_bytes
+    from dqtool.qmath.onnx_ops import base3_decode_nodes
+    from dqtool.qmath.pack import row_bytes
 
     codes = torch.randint(-1, 2, (5, n), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
     b3 = pack_base3(codes)
@@ -118,7 +119,7 @@ def test_packed_equals_qat_bit_for_bit_with_quantized_positions(tmp_path, arch, 
     assert torch.equal(model.generate(input_ids=ids, **gen), ref.generate(input_ids=ids, **gen))
     # The table the model uses is the quantized one, not the float weights.
     qt = ref.model.encoder.embed_positions
-    from dqtool.quant import fake_quant
+    from dqtool.qmath.quant import fake_quant
 
     assert not torch.equal(fake_quant(qt.weight, qt.pspec), qt.weight)
 
@@ -148,8 +149,8 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from dqtool.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
-    from dqtool.ort_runtime import load_onnx
+    from dqtool.runtimes.ort import load_onnx
+    from dqtool.stages.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 
     q = _qat(tmp_path / "qat", "bart", "2-2-8", "e")
     packed = tmp_path / "packed"
@@ -184,7 +185,7 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
         assert not any(n.endswith(".qweight") and n in used for n in m["base3_tables"]), fname
     assert (out / DATA_FILE).is_file()
     # The report reads the bound per tensor group from either folder's manifest.
-    from dqtool.bench import bit_bound_of
+    from dqtool.stages.bench.stage import bit_bound_of
 
     bound = bit_bound_of(str(packed))
     assert bound == bit_bound_of(str(out)) and set(bound) == {"codes", "scales", "floats", "positions", "total"}
@@ -285,7 +286,7 @@ def test_recipe_and_cli_take_position_bits():
     assert r.convert.ternary_storage == "2bit"
     assert all(c.scheme.pos_bits is None for c in recipe_from_dict({"teacher": "t", "data": "d", "work": "w"}
                                                                    ).qats.values())
-    with pytest.raises(DQToolError, match="ternary-storage"):
+    with pytest.raises(DQToolError, match="convert.ternary_storage"):
         recipe_from_dict({"teacher": "t", "data": "d", "work": "w", "convert": {"ternary_storage": "base4"}})
     r = CliRunner().invoke(main, ["qat", "s", "o", "--data", "d", "--pos-bits", "7"])
     assert r.exit_code == 2 and "position bits" in r.output or "bits 7" in r.output

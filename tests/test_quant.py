@@ -1,10 +1,10 @@
-"""dqtool.quant: level counts, STE gradients, the fake-quant == packed bit-exact invariant, errors."""
+"""dqtool.qmath.quant: level counts, STE gradients, the fake-quant == packed bit-exact invariant, errors."""
 
 import pytest
 import torch
 
-from dqtool.errors import DQToolError
-from dqtool.quant import (
+from dqtool.base.errors import DQToolError
+from dqtool.qmath.quant import (
     QuantSpec,
     activation_qparams,
     compute_scale,

@@ -169,7 +169,7 @@ def generation_config(tok, max_target: int) -> GenerationConfig:
 
 def save_atomically(out: Path, model, tok, gen_cfg, info: dict) -> None:
     """Save the teacher through dqtool's atomic output (temp folder + rename, old kept until then)."""
-    from dqtool.manifest import atomic_output
+    from dqtool.formats.manifest import atomic_output
 
     with atomic_output(out, force=True) as tmp:
         model.generation_config = gen_cfg

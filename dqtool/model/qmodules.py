@@ -1,0 +1,259 @@
+"""Fake-quant modules for QAT, and ``prepare`` that swaps them into a HF model.
+
+``prepare(model, scheme)`` replaces, per the architecture registry:
+
+* every encoder/decoder Linear by :class:`QuantLinear` (W bits on the weight, A bits
+  on its input);
+* the token embedding and its tied aliases by :class:`QuantEmbedding` (E bits, per
+  vocabulary row);
+* each learned position table (BART, mBART) by :class:`QuantPositionEmbedding` when the
+  scheme sets ``pos_bits`` (per row, like the token embedding);
+* ``lm_head`` by a :class:`QuantLinear` with the *embedding* spec when it is tied to
+  the embedding (the one stored matrix is trained at the precision export will use),
+  and the weight spec when it is not (T5 v1.1);
+* the attention function (BART family) by one that fake-quantizes the inputs of both
+  attention matmuls (``q @ k^T`` and ``probs @ v``).
+
+The modules hold the *same* ``nn.Parameter`` objects as the modules they replace and
+keep their names (``weight``, ``bias``), so the state dict is the HF one plus the
+learned activation clips, and ``save_pretrained`` still writes a plain HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dqtool.qmath.quant import QuantSpec, fake_quant
+from dqtool.model.registry import ArchSpec, get_module, linears, spec_for
+from dqtool.qmath.scheme import QuantScheme
+
+ATTN_IMPL = "dqtool_qat"
+
+
+class _ActQuant(nn.Module):
+    """Fake-quantizes a module input: dynamic per-tensor, or with a learned PACT clip.
+
+    A learned clip is calibrated on the first batch it sees in training: it starts at
+    the 99.9th percentile of |x|, so a few outliers are clipped from step 0 and PACT's
+    gradient (which flows only through clipped values) can move it. ``calibrated`` is a
+    buffer, so a resumed or reloaded model never re-calibrates.
+    """
+
+    CALIBRATION_QUANTILE = 0.999
+
+    def __init__(self, spec: QuantSpec | None, learned_clip: bool):
+        super().__init__()
+        self.spec = spec
+        if spec is not None and learned_clip:
+            self.clip = nn.Parameter(torch.tensor(1.0))
+            self.register_buffer("calibrated", torch.tensor(False))
+        else:
+            self.clip = None
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().flatten().float()
+        if a.numel() > 1_000_000:  # torch.quantile's input limit; a strided sample is plenty
+            a = a[:: a.numel() // 1_000_000 + 1]
+        self.clip.copy_(torch.quantile(a, self.CALIBRATION_QUANTILE).clamp_min(1e-4))
+        self.calibrated.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec is None:
+            return x
+        if self.clip is not None and self.training and not bool(self.calibrated):
+            self._calibrate(x)
+        return fake_quant(x, self.spec, self.clip)
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` whose weight and input are fake-quantized.
+
+    Example:
+        >>> lin = nn.Linear(8, 4)
+        >>> q = QuantLinear(lin, QuantSpec.weight(4), QuantSpec.activation(8))
+        >>> q.weight is lin.weight, q(torch.randn(2, 8)).shape
+        (True, torch.Size([2, 4]))
+    """
+
+    def __init__(self, linear: nn.Linear, wspec: QuantSpec | None, aspec: QuantSpec | None,
+                 learned_clip: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.wspec = wspec
+        self.act = _ActQuant(aspec, learned_clip)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass uses it (fake-quantized): [out, in]."""
+        return self.weight if self.wspec is None else fake_quant(self.weight, self.wspec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        return F.linear(self.act(x), self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        w = "float" if self.wspec is None else f"{self.wspec.bits}b-{self.wspec.method}-{self.wspec.granularity}"
+        a = "float" if self.act.spec is None else f"{self.act.spec.bits}b"
+        return f"in={self.in_features}, out={self.out_features}, w={w}, a={a}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding whose table is fake-quantized per row (keeps BART's embed_scale)."""
+
+    def __init__(self, emb: nn.Embedding, espec: QuantSpec | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
+        self.weight = emb.weight
+        self.espec = espec
+        # BartScaledWordEmbedding multiplies by sqrt(d_model) when config.scale_embedding.
+        self.embed_scale = getattr(emb, "embed_scale", 1.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
+        table = self.weight if self.espec is None else fake_quant(self.weight, self.espec)
+        return F.embedding(ids, table, self.padding_idx) * self.embed_scale
+
+
+def learned_position_ids(input_ids: torch.Tensor, past_key_values_length: int = 0,
+                         position_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """The positions BART's learned position table looks up (before its offset of 2), as
+    ``BartLearnedPositionalEmbedding.forward`` computes them: ``[B, T]`` from
+    ``past_key_values_length``, or ``[1, T]`` from the given ``position_ids``."""
+    if position_ids is None:
+        bsz, seq_len = input_ids.shape[:2]
+        return torch.arange(past_key_values_length, past_key_values_length + seq_len, dtype=torch.long,
+                            device=device).expand(bsz, -1)
+    return position_ids.unsqueeze(0)
+
+
+class QuantPositionEmbedding(nn.Module):
+    """BART/mBART learned position table, fake-quantized per row (one scale per position).
+
+    Same call signature and output as ``BartLearnedPositionalEmbedding`` (ids of the input
+    only give its shape; rows ``position + offset`` are looked up), holding the same
+    ``weight`` Parameter, so the state dict and ``save_pretrained`` are unchanged.
+
+    Example:
+        >>> from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+        >>> hf = BartLearnedPositionalEmbedding(10, 4)
+        >>> q = QuantPositionEmbedding(hf, QuantSpec.weight(8, role="embedding"))
+        >>> ids = torch.zeros(2, 3, dtype=torch.long)
+        >>> q(ids).shape, torch.allclose(q(ids, 1), hf(ids, 1), atol=0.02)
+        (torch.Size([2, 3, 4]), True)
+    """
+
+    def __init__(self, emb: nn.Embedding, pspec: QuantSpec):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.offset = int(getattr(emb, "offset", 0))
+        self.weight = emb.weight
+        self.pspec = pspec
+
+    def forward(self, input_ids: torch.Tensor, past_key_values_length: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        pos = learned_position_ids(input_ids, past_key_values_length, position_ids, self.weight.device)
+        return F.embedding(pos + self.offset, fake_quant(self.weight, self.pspec))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, offset={self.offset}, " \
+               f"p={self.pspec.bits}b-{self.pspec.method}-row"
+
+
+def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs):
+    """BART-family eager attention with the matmul inputs fake-quantized.
+
+    query/key/value: [B, H, T, Dh]. Returns ([B, T, H, Dh], probs [B, H, Tq, Tk]); the
+    returned probs are the float ones (the attention-distillation target), while the
+    product with ``value`` uses their quantized values, as an integer kernel would.
+    """
+    act = getattr(module, "dqtool_act", None)
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    if act is not None:
+        query, key = act(query), act(key)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1)
+    if head_mask is not None:
+        probs = probs * head_mask.view(1, -1, 1, 1)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    probs_q, value = (act(probs), act(value)) if act is not None else (probs, value)
+    out = torch.matmul(probs_q, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPL, qat_attention)
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(get_module(model, parent_path) if parent_path else model, name, new)
+
+
+def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None) -> nn.Module:
+    """Swap fake-quant modules into ``model`` in place (idempotent guard) and return it.
+
+    Example:
+        >>> from transformers import BartConfig, BartForConditionalGeneration
+        >>> cfg = BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        ...                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=50)
+        >>> m = prepare(BartForConditionalGeneration(cfg), QuantScheme.from_wea("4-8-8"))
+        >>> type(m.model.encoder.layers[0].fc1).__name__, type(m.lm_head).__name__
+        ('QuantLinear', 'QuantLinear')
+    """
+    if getattr(model, "dqtool_scheme", None) is not None:
+        raise ValueError("model is already prepared for QAT")
+    spec = spec or spec_for(model.config)
+    wspec, espec, aspec = scheme.weight_spec(), scheme.embedding_spec(), scheme.activation_spec()
+    learned = scheme.act_clip == "pact"
+    for name, lin in linears(model, spec).items():
+        if wspec is not None and wspec.granularity == "group":
+            from dqtool.qmath.quant import validate_width
+
+            validate_width(wspec, lin.in_features, name)
+        _set_module(model, name, QuantLinear(lin, wspec, aspec, learned))
+    emb = get_module(model, spec.token_embedding)
+    tied = spec.lm_head_tied(model.config)
+    for path in (spec.token_embedding, *spec.embedding_aliases):
+        _set_module(model, path, QuantEmbedding(get_module(model, path), espec))
+    pspec = scheme.position_spec()
+    if pspec is not None and spec.positions_learned:
+        for path in spec.position_embeddings:
+            _set_module(model, path, QuantPositionEmbedding(get_module(model, path), pspec))
+    head = get_module(model, spec.lm_head)
+    assert (head.weight is emb.weight) == tied, "registry tie flag disagrees with the model"
+    _set_module(model, spec.lm_head, QuantLinear(head, espec if tied else wspec, aspec, learned))
+    if scheme.quantize_attention and aspec is not None and spec.attention_interface:
+        _register_attention()
+        for mod in model.modules():
+            if hasattr(mod, "q_proj") and hasattr(mod, "out_proj"):
+                mod.dqtool_act = _ActQuant(aspec, learned)
+        model.config._attn_implementation = ATTN_IMPL
+    model.dqtool_scheme = scheme
+    return model
+
+
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Quantizer tensors (PACT clips and their calibration flags) by state-dict name.
+
+    Empty for dynamic schemes, whose quantizers hold no state.
+    """
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, _ActQuant):
+            for k, v in mod.state_dict().items():
+                out[f"{name}.{k}"] = v.detach().clone()
+    return out
+
+
+def strip_quantizer_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain HF part of a prepared model's ``state`` dict (no quantizer tensors)."""
+    q = quantizer_state(model)
+    return {k: v for k, v in state.items() if k not in q}

@@ -1,0 +1,418 @@
+"""Stage 2, ``qat``: quantization-aware fine-tuning of the student, distilled from the teacher.
+
+    student folder (distill) + teacher --HF Trainer, fake-quant, distillation--> QAT folder
+
+Training runs on Hugging Face's ``Seq2SeqTrainer`` (so ``accelerate launch`` / torchrun
+run it on several GPUs unchanged, with mixed precision, gradient accumulation,
+checkpoints, resume, evaluation with generation metrics and best-checkpoint selection).
+dqtool only adds the loss: :class:`DistillTrainer.compute_loss` runs the float teacher
+under ``no_grad`` and combines the terms of :mod:`dqtool.model.losses`.
+
+Checkpoints go to ``OUT.partial/``; ``--resume`` continues from the newest one there.
+Only when training finished is the QAT folder assembled (temp folder + rename):
+
+    config.json, model.safetensors   the float weights (a plain HF checkpoint)
+    quantization.json                the W-E-A scheme (fake quant is applied on load)
+    quantizers.safetensors           learned quantizer tensors (PACT clips), if any
+    tokenizer files, generation_config.json, training_log.json, dqtool-manifest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dqtool.base.config_error import ConfigError
+from dqtool.base.errors import DQToolError
+from dqtool.model.losses import LossConfig, distill_losses
+from dqtool.formats.manifest import atomic_output, check_output, hash_folder, read_manifest, sha256_file, write_manifest
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import ATTN_IMPL, prepare
+from dqtool.model.registry import num_layers, spec_for
+from dqtool.qmath.scheme import QuantScheme
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+TARGETS = ("data", "teacher")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Everything the QAT stage needs besides its input and output folders.
+
+    Example:
+        >>> QATConfig(data="data/", max_steps=10).scheme.wea
+        '8-8-8'
+        >>> QATConfig(data="data/", batch_size=0)
+        Traceback (most recent call last):
+        ...
+        dqtool.base.config_error.ConfigError: --batch-size must be at least 1, got 0
+    """
+
+    data: str
+    scheme: QuantScheme = field(default_factory=QuantScheme)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    source_field: str = "source"
+    target_field: str = "target"
+    prefix: str = ""
+    source_max_length: int = 256
+    target_max_length: int = 64
+    max_train_samples: int | None = None
+    on_too_long: str = "truncate"       # truncate | skip | error (rows over the max lengths)
+    max_steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    eval_steps: int | None = None       # None: evaluate once, at the end
+    eval_samples: int = 200
+    eval_beams: int = 1
+    eval_max_length: int = 64
+    save_steps: int = 200
+    seed: int = 42
+    precision: str = "auto"             # auto: bf16 on CUDA that supports it, else fp32
+    logging_steps: int = 25
+    targets: str = "data"               # data: the references | teacher: the teacher's outputs (sequence-level KD)
+
+    FLAGS = {"learning_rate": "--lr"}  # ClassVar: command-line flags that differ from the field names
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "save_steps", "eval_samples", "eval_beams",
+                     "source_max_length", "target_max_length", "logging_steps", "eval_max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{{{name}}} must be at least 1, got {v}", self.FLAGS)
+        if self.eval_steps is not None and (self.eval_steps < 1 or self.save_steps % self.eval_steps):
+            raise ConfigError(f"{{eval_steps}} {self.eval_steps} must be >= 1 and divide {{save_steps}} "
+                              f"{self.save_steps} (best-checkpoint selection needs an evaluation at every save)")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{{learning_rate}} must be > 0, got {self.learning_rate}", self.FLAGS)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{{warmup_ratio}} must be in [0, 1), got {self.warmup_ratio}")
+        from dqtool.data.pairs import TOO_LONG
+
+        if self.on_too_long not in TOO_LONG:
+            raise ConfigError(f"{{on_too_long}} '{self.on_too_long}' is not supported: choose {', '.join(TOO_LONG)}")
+        if self.targets not in TARGETS:
+            raise ConfigError(f"{{targets}} '{self.targets}' is not supported: choose {' or '.join(TARGETS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"{{precision}} '{self.precision}' is not supported: choose {', '.join(PRECISIONS)}")
+
+
+@dataclass(frozen=True)
+class QATResult:
+    out_dir: Path
+    steps: int
+    seconds: float
+    best_metric: float | None
+    final_losses: dict
+
+
+def _layer_maps(student_dir: Path, student_cfg, teacher_cfg) -> dict[str, list[int]]:
+    # The distill manifest says which teacher layer each student layer came from; a
+    # student of the teacher's own depth without a manifest is matched layer for layer.
+    manifest = read_manifest(student_dir)
+    if manifest and "layer_map" in manifest:
+        return {k: list(v) for k, v in manifest["layer_map"].items()}
+    spec = spec_for(student_cfg)
+    maps = {}
+    for name, stack in spec.stacks().items():
+        n_s, n_t = num_layers(student_cfg, stack), num_layers(teacher_cfg, stack)
+        if n_s != n_t:
+            raise DQToolError(f"{student_dir} has no distill manifest and {n_s} {name} layers vs the teacher's {n_t}: "
+                              f"create the student with 'dqtool distill' so its layer map is known")
+        maps[name] = list(range(n_s))
+    return maps
+
+
+def _teacher_source(student_dir: Path, teacher: str | None) -> str:
+    if teacher:
+        return str(teacher)
+    manifest = read_manifest(student_dir) or {}
+    src = manifest.get("inputs", {}).get("teacher", {})
+    path = src.get("path") or src.get("id")
+    if not path:
+        raise DQToolError(f"no teacher given and {student_dir} does not record one: pass --teacher")
+    return path
+
+
+# --------------------------------------------------------------------------- data
+
+class _Seq2SeqRows(torch.utils.data.Dataset):
+    """Tokenized rows: dicts of input_ids / attention_mask / labels lists."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _tokenized(cfg: QATConfig, tokenizer, split: str, limit: int | None) -> _Seq2SeqRows:
+    from dqtool.data.pairs import DataConfig, load_pairs, tokenize_pairs
+
+    dcfg = DataConfig(source_field=cfg.source_field, target_field=cfg.target_field, prefix=cfg.prefix,
+                      source_max_length=cfg.source_max_length, target_max_length=cfg.target_max_length,
+                      max_rows=limit, on_too_long=cfg.on_too_long)
+    pairs = load_pairs(cfg.data, split, dcfg, tokenizer)
+    if pairs.skipped:
+        print(f"{split}: skipped {pairs.skipped} rows longer than --source-max-length {cfg.source_max_length} / "
+              f"--target-max-length {cfg.target_max_length} (--on-too-long skip)")
+    return _Seq2SeqRows(tokenize_pairs(pairs, tokenizer, dcfg))
+
+
+@torch.no_grad()
+def teacher_targets(teacher, rows: _Seq2SeqRows, max_new_tokens: int, pad_id: int, batch_size: int = 64) -> int:
+    """Sequence-level distillation (Kim & Rush, 2016): replace every row's labels with the
+    teacher's own output for its source, decoded with the teacher's generation config
+    (its beams, length limits) and at most ``max_new_tokens`` tokens. Returns how many
+    rows' labels changed.
+
+    Example (needs a trained teacher, so not run as a doctest)::
+        changed = teacher_targets(teacher, train_rows, 64, tok.pad_token_id)
+    """
+    from dqtool.runtimes.textgen import pad
+
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # little padding per batch
+    device = next(teacher.parameters()).device
+    eos = teacher.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    labels: list[list[int]] = [[] for _ in range(len(rows))]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad([rows[i]["input_ids"] for i in idx], pad_id, left=False)   # [B, S]
+        gen = teacher.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               max_new_tokens=max_new_tokens, do_sample=False)      # [B, 1 + T]
+        for i, seq in zip(idx, gen[:, 1:].tolist()):   # drop the decoder start token
+            cut = next((k + 1 for k, t in enumerate(seq) if t in eos), len(seq))
+            labels[i] = seq[:cut]
+    return _set_labels(rows, labels)
+
+
+def _set_labels(rows: _Seq2SeqRows, labels: list[list[int]]) -> int:
+    """Give row i the labels ``labels[i]``; returns how many rows changed."""
+    changed = 0
+    for row, lab in zip(rows, labels):
+        changed += lab != row["labels"]
+        row["labels"] = lab
+    return changed
+
+
+# --------------------------------------------------------------------------- trainer
+
+def _make_trainer_class():
+    from transformers import Seq2SeqTrainer
+
+    class DistillTrainer(Seq2SeqTrainer):
+        """Seq2SeqTrainer whose loss is DQ-BART's distillation objective."""
+
+        def __init__(self, *a, teacher=None, loss_cfg: LossConfig, maps, **kw):
+            super().__init__(*a, **kw)
+            self.teacher, self.loss_cfg, self.maps = teacher, loss_cfg, maps
+            self.last_terms: dict[str, float] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            lc = self.loss_cfg
+            extra = dict(output_hidden_states=lc.needs_hidden, output_attentions=lc.needs_attention)
+            s_out = model(**inputs, **extra)
+            t_out = None
+            if lc.needs_teacher:
+                if self.teacher.device != s_out.logits.device:
+                    self.teacher.to(s_out.logits.device)
+                with torch.no_grad():
+                    t_out = self.teacher(**inputs, **extra)
+            labels = inputs["labels"]
+            terms = distill_losses(s_out, t_out, lc, self.maps, inputs.get("attention_mask"), labels.ne(-100))
+            if model.training:
+                self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+            return (terms["total"], s_out) if return_outputs else terms["total"]
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs and self.last_terms:
+                logs.update({f"loss_{k}": round(v, 6) for k, v in self.last_terms.items() if k != "total"})
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
+
+
+def _precision(cfg: QATConfig) -> dict:
+    if cfg.precision == "auto":
+        if torch.cuda.is_available():
+            return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+        return {}
+    return {"fp16": True} if cfg.precision == "fp16" else {"bf16": True} if cfg.precision == "bf16" else {}
+
+
+def _last_checkpoint(work: Path) -> str | None:
+    """Newest *complete* ``checkpoint-N`` in ``work``.
+
+    The Trainer writes ``trainer_state.json`` last, after the weights, optimizer,
+    scheduler and RNG state; a run killed while saving leaves a folder without it, which
+    transformers' ``get_last_checkpoint`` would still pick (and resume with a fresh
+    optimizer). Such a folder is skipped here.
+    """
+    if not work.is_dir():
+        return None
+    done = [p for p in work.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _cached_teacher_targets(t_model, train_ds: _Seq2SeqRows, cfg: QATConfig, tok, teacher_src: str,
+                            cache_dir: Path | None) -> int:
+    """:func:`teacher_targets`, reusing the labels a run with the same teacher weights,
+    generation config and tokenized training sources already generated
+    (``cache_dir/teacher-targets-<key>.json``): the schemes of one ``dqtool compress`` run
+    share one generation."""
+    from dqtool.formats.hf import describe_source
+
+    # The tokenized sources stand for data, split, prefix, tokenizer and lengths at once.
+    sources = hashlib.sha256(json.dumps([row["input_ids"] for row in train_ds]).encode()).hexdigest()
+    key_doc = {"teacher": describe_source(teacher_src).get("weights_sha256") or teacher_src,
+               "generation": t_model.generation_config.to_dict(), "sources": sources,
+               "max_new_tokens": cfg.target_max_length}
+    key = hashlib.sha256(json.dumps(key_doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir / f"teacher-targets-{key}.json" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        labels = json.loads(path.read_text())
+        if len(labels) == len(train_ds):
+            print(f"targets: the teacher's outputs for {len(train_ds)} training rows, reused from {path}")
+            return _set_labels(train_ds, labels)
+    t0 = time.time()
+    if torch.cuda.is_available():
+        t_model.to("cuda")
+    changed = teacher_targets(t_model, train_ds, cfg.target_max_length, tok.pad_token_id)
+    print(f"targets: the teacher's outputs for {len(train_ds)} training rows ({changed} differ from the "
+          f"references) in {time.time() - t0:.0f}s")
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps([row["labels"] for row in train_ds]))
+        os.replace(tmp, path)  # a killed run never leaves a half-written cache
+    return changed
+
+
+def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, teacher: str | None = None,
+        force: bool = False, resume: bool = False, progress: bool = True,
+        cache_dir: str | os.PathLike | None = None, callbacks: tuple = ()) -> QATResult:
+    """Fine-tune ``student`` with fake quantization and distillation; write the QAT folder.
+
+    ``cache_dir`` (optional) keeps the teacher's outputs of ``targets="teacher"`` for
+    later runs with the same teacher, data and tokenization. ``callbacks``: extra
+    ``transformers.TrainerCallback`` objects (progress hooks; tests use one to kill a run
+    at a known step).
+
+    Example (needs real folders, so not run as a doctest)::
+        qat("runs/student", "runs/qat", QATConfig(data="data/", scheme=QuantScheme.from_wea("2-2-8")))
+    """
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
+
+    from dqtool.formats.hf import describe_source, load_seq2seq
+
+    out = check_output(out_dir, force)
+    work = out.with_name(out.name + ".partial")
+    checkpoint = _last_checkpoint(work)
+    if work.exists() and not resume and not force:
+        raise DQToolError(f"{work} holds an interrupted run: pass --resume to continue it or --force to start over")
+    if resume and checkpoint is None:
+        raise DQToolError(f"--resume given but {work} has no checkpoint: run without --resume")
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    student_dir = Path(student)
+    teacher_src = _teacher_source(student_dir, teacher)
+
+    set_seed(cfg.seed)
+    model, tok = load_seq2seq(student_dir)
+    if tok is None:
+        raise DQToolError(f"{student_dir} has no tokenizer files: save the tokenizer with the model")
+    t_model = None
+    if cfg.losses.needs_teacher or cfg.targets == "teacher":
+        t_model, _ = load_seq2seq(teacher_src)
+        if cfg.losses.needs_attention:
+            t_model.config._attn_implementation = "eager"  # sdpa returns no attention probabilities
+        t_model.eval().requires_grad_(False)
+    maps = _layer_maps(student_dir, model.config, t_model.config if t_model is not None else model.config)
+    if cfg.losses.needs_attention and model.config._attn_implementation != ATTN_IMPL:
+        model.config._attn_implementation = "eager"
+    prepare(model, cfg.scheme)
+
+    train_ds = _tokenized(cfg, tok, cfg.train_split, cfg.max_train_samples)
+    eval_ds = _tokenized(cfg, tok, cfg.eval_split, cfg.eval_samples) if cfg.eval_steps else None
+    relabelled = None
+    if cfg.targets == "teacher":
+        relabelled = _cached_teacher_targets(t_model, train_ds, cfg, tok, teacher_src,
+                                             Path(cache_dir) if cache_dir is not None else None)
+        if not cfg.losses.needs_teacher:
+            t_model = None  # only its outputs were needed
+
+    from dqtool.data.metrics import score
+
+    def compute_metrics(pred):
+        import numpy as np
+
+        preds = np.where(pred.predictions < 0, tok.pad_token_id, pred.predictions)
+        labels = np.where(pred.label_ids < 0, tok.pad_token_id, pred.label_ids)
+        p = tok.batch_decode(preds, skip_special_tokens=True)
+        r = tok.batch_decode(labels, skip_special_tokens=True)
+        return score(p, r, metrics=("rouge",))
+
+    do_eval = cfg.eval_steps is not None
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(work), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        lr_scheduler_type="linear", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        eval_strategy="steps" if do_eval else "no", eval_steps=cfg.eval_steps,
+        load_best_model_at_end=do_eval, metric_for_best_model="rougeL" if do_eval else None,
+        greater_is_better=True if do_eval else None,
+        predict_with_generate=True, generation_max_length=cfg.eval_max_length, generation_num_beams=cfg.eval_beams,
+        report_to=[], disable_tqdm=not progress, dataloader_num_workers=0, save_safetensors=True,
+        remove_unused_columns=False, **_precision(cfg))
+    DistillTrainer = _make_trainer_class()
+    trainer = DistillTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=DataCollatorForSeq2Seq(tok, model=None, label_pad_token_id=-100),
+        processing_class=tok, compute_metrics=compute_metrics if do_eval else None, callbacks=list(callbacks),
+        teacher=t_model, loss_cfg=cfg.losses, maps=maps)
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint if resume else None)
+    seconds = time.time() - t0
+
+    with atomic_output(out, force=force) as tmp:
+        save_qat(model, tok, tmp, cfg.scheme)
+        log = trainer.state.log_history
+        (tmp / "training_log.json").write_text(json.dumps(log, indent=1))
+        best = trainer.state.best_metric
+        final = {k: v for k, v in (log[-2] if len(log) > 1 else {}).items() if k.startswith("loss")}
+        write_manifest(tmp, "qat",
+                       inputs={"student": describe_source(student_dir), "teacher": describe_source(teacher_src),
+                               "data": _describe_data(cfg)},
+                       config=cfg,
+                       extra={"layer_map": maps, "scheme": cfg.scheme.to_dict(), "wea": cfg.scheme.wea,
+                              "steps": trainer.state.global_step, "seconds": round(seconds, 1),
+                              "best_metric": best, "resumed_from": checkpoint if resume else None,
+                              "teacher_relabelled_rows": relabelled})
+    shutil.rmtree(work, ignore_errors=True)
+    return QATResult(out, trainer.state.global_step, seconds, best, final)
+
+
+def _describe_data(cfg: QATConfig) -> dict:
+    # hash_folder keys by relative path, so nested datasets files cannot collide by name.
+    p = Path(cfg.data)
+    hashes = hash_folder(p, exclude=()) if p.is_dir() else {p.name: sha256_file(p)}
+    return {"path": str(p.resolve()), "sha256": hashes}
