@@ -12,10 +12,12 @@ own folder under ``work``::
     work/bench              bench     (every scheme's ONNX folder, the teacher and the peers)
 
 Re-running the recipe skips every stage whose folder is complete (its manifest's hashes
-verify) and was made with the same config; an interrupted QAT run continues from its
-last checkpoint; a stage that runs again re-runs everything after it. ``--dry-run``
-prints this plan and exits. Gates (``gates:`` or the CLI) turn the bench report into an
-exit code: 0 all hold, 1 a gate failed, 2 bad input.
+verify), was made with the same config and from the same inputs (teacher and tokenizer
+files, data split files, the upstream stage's manifest: :mod:`dqtool.formats.inputs`); an
+interrupted QAT run continues from its last checkpoint; a stage that runs again re-runs
+everything after it. ``--dry-run`` checks that the teacher and data exist, prints this
+plan with the reason each stage runs, and exits. Gates (``gates:`` or the CLI) turn the
+bench report into an exit code: 0 all hold, 1 a gate failed, 2 bad input.
 
 Example recipe::
 
@@ -189,6 +191,7 @@ class Step:
     config: Any
     status: str = ""      # done | run | resume
     source: Path | None = None  # the folder this stage reads (the previous stage's output)
+    reason: str = ""      # why it runs (or resumes)
 
 
 def _config_json(cfg) -> str:
@@ -197,22 +200,39 @@ def _config_json(cfg) -> str:
     return json.dumps(jsonable(cfg), sort_keys=True)
 
 
-def _status(step: Step, upstream_ran: bool) -> str:
+def _status(step: Step, upstream: str) -> tuple[str, str]:
+    """``(status, reason)`` from the folder, its config and ``upstream`` (why an earlier
+    stage runs, or ""); the recorded inputs are compared by :mod:`dqtool.formats.inputs`."""
     from dqtool.formats.manifest import verify_folder
+    from dqtool.formats.inputs import config_change
 
+    if upstream:
+        return "run", upstream  # an interrupted run of the old upstream is started over too
     if step.stage == "qat" and step.out.with_name(step.out.name + ".partial").is_dir() and not step.out.exists():
-        return "resume"
-    if not step.out.exists() or upstream_ran:
-        return "run"
+        return "resume", "interrupted: continues from its last checkpoint"
+    if not step.out.exists():
+        return "run", "not made yet"
     try:
         m = verify_folder(step.out, step.stage)
     except DQToolError:
-        return "run"  # incomplete or edited: made again
-    return "done" if json.dumps(m.get("config"), sort_keys=True) == _config_json(step.config) else "run"
+        return "run", "incomplete or edited: made again"
+    now = _config_json(step.config)
+    if json.dumps(m.get("config"), sort_keys=True) != now:
+        return "run", config_change(m.get("config"), json.loads(now))
+    return "done", ""
 
 
 def plan(recipe: Recipe) -> list[Step]:
-    """The stages in order with their status (done / run / resume)."""
+    """The stages in order with their status (done / run / resume) and why.
+
+    The teacher and data must exist (one-line error otherwise). A stage is done when its
+    folder verifies, its config is the recipe's and its recorded inputs are the ones the
+    recipe names now (see :mod:`dqtool.formats.inputs`); a stage that runs re-runs
+    everything after it.
+    """
+    from dqtool.formats.inputs import CurrentInputs, check_sources, upstream_of
+
+    check_sources(recipe)
     w = recipe.work
     steps = [Step("distill", w / "student", recipe.distill, source=recipe.teacher)]
     for wea, qcfg in recipe.qats.items():
@@ -221,25 +241,19 @@ def plan(recipe: Recipe) -> list[Step]:
                   Step("convert", packed_dir, recipe.convert, source=qat_dir),
                   Step("export", w / f"onnx-{wea}", recipe.export, source=packed_dir)]
     steps.append(Step("bench", w / "bench", recipe.bench))
-    ran_distill = False
-    ran_branch = False
-    for s in steps:
-        upstream = ran_distill if s.stage == "qat" else (ran_branch if s.stage in ("convert", "export") else False)
-        if s.stage == "bench":
-            upstream = any(x.status != "done" for x in steps if x.stage != "bench")
-        s.status = _status(s, upstream)
-        if s.stage == "distill":
-            ran_distill = s.status != "done"
-        elif s.stage == "qat":
-            ran_branch = s.status != "done"
-        elif s.stage in ("convert", "export"):
-            ran_branch = ran_branch or s.status != "done"
+    now = CurrentInputs(recipe)
+    for i, s in enumerate(steps):
+        ran = [u for u in upstream_of(steps, i) if u.status != "done"]
+        s.status, s.reason = _status(s, f"after {ran[0].stage} ({ran[0].out.name})" if ran else "")
+        if s.status == "done" and (changed := now.changes(steps, i)):
+            s.status, s.reason = "run", "; ".join(changed)
     return steps
 
 
 def describe(steps: list[Step]) -> str:
-    """The plan as text, one line per stage."""
-    return "\n".join(f"  {s.status:<6} {s.stage:<8} -> {s.out}" for s in steps)
+    """The plan as text, one line per stage, with the reason a stage runs."""
+    return "\n".join(f"  {s.status:<6} {s.stage:<8} -> {s.out}" + (f"  ({s.reason})" if s.reason else "")
+                     for s in steps)
 
 
 # --------------------------------------------------------------------------- run
@@ -271,7 +285,7 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
     steps = plan(recipe)
     if force:
         for s in steps:
-            s.status = "run"
+            s.status, s.reason = "run", "--force"
     log("plan:\n" + describe(steps))
     if dry_run:
         return CompressResult(steps, None, [])

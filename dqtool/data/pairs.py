@@ -126,6 +126,33 @@ def _split_file(p: Path, split: str) -> Path:
     raise DQToolError(f"split '{split}' not found in {p}: available splits are {', '.join(have)}")
 
 
+def split_files(path: str | os.PathLike, split: str) -> dict[str, Path]:
+    """``{name relative to the data path: file}`` of the files :func:`load_pairs` reads for
+    ``split`` (what manifests hash as a stage's data input). Errors as in :func:`load_pairs`.
+
+    Example:
+        >>> import tempfile; d = Path(tempfile.mkdtemp()); _ = (d / "test.jsonl").write_text("")
+        >>> list(split_files(d, "test"))
+        ['test.jsonl']
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DQToolError(f"data path {p} does not exist: pass a folder of split files, a .jsonl/.csv/.tsv file "
+                          f"or a datasets folder")
+    if p.is_file():
+        return {p.name: p}
+    if (p / "dataset_dict.json").is_file():
+        have = available_splits(p)
+        if split not in have:
+            raise DQToolError(f"split '{split}' not found in {p}: available splits are {', '.join(have)}")
+        files = {f.relative_to(p).as_posix(): f for f in sorted((p / split).rglob("*")) if f.is_file()}
+        return {"dataset_dict.json": p / "dataset_dict.json", **files}
+    if _is_datasets_folder(p):  # one Dataset: every split is all of it
+        return {f.relative_to(p).as_posix(): f for f in sorted(p.rglob("*")) if f.is_file()}
+    f = _split_file(p, split)
+    return {f.name: f}
+
+
 def _text(value, field_name: str, where: str) -> str:
     if not isinstance(value, str):
         raise DQToolError(f"{where}: field '{field_name}' must be text, got {type(value).__name__}")

@@ -24,22 +24,35 @@ ACCEPTS = "a Hugging Face model folder (config.json + weights)"
 
 
 def describe_source(source: str | os.PathLike) -> dict:
-    """Identify a model source for manifests: local folder (with weight hashes) or hub id.
+    """Identify a model source for manifests: local folder (with file hashes) or hub id.
+
+    A folder is recorded with the sha256 of each top-level file (weights, config,
+    tokenizer; hidden files and ``*.md`` left out, subfolders are never read by loading),
+    the weights alone under ``weights_sha256``, and, for a dqtool folder, the sha256 of
+    its manifest, which a later stage's plan compares to see whether it was made again.
+    Hashes come from :mod:`dqtool.formats.hashcache`, so an unchanged large teacher is not re-read.
 
     Example:
         >>> describe_source("facebook/bart-base")["kind"]
         'hub'
     """
+    from dqtool.formats.hashcache import sha256_bytes_of, sha256_files
+    from dqtool.formats.manifest import MANIFEST_NAME
+
     p = Path(source)
     if p.is_dir():
-        weights = sorted(
-            f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file()
-        )
-        return {
+        files = {f.name: f for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")
+                 and f.suffix != ".md" and f.name != MANIFEST_NAME}
+        hashes = sha256_files(files)
+        out = {
             "kind": "folder",
             "path": str(p.resolve()),
-            "weights_sha256": {f.name: sha256_file(f) for f in weights},
+            "weights_sha256": {n: h for n, h in hashes.items() if Path(n).suffix in (".safetensors", ".bin")},
+            "files_sha256": hashes,
         }
+        if (p / MANIFEST_NAME).is_file():
+            out["manifest_sha256"] = sha256_bytes_of(p / MANIFEST_NAME)
+        return out
     return {"kind": "hub", "id": str(source)}
 
 

@@ -34,7 +34,7 @@ import torch
 from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
 from dqtool.model.losses import LossConfig, distill_losses
-from dqtool.formats.manifest import atomic_output, check_output, hash_folder, read_manifest, sha256_file, write_manifest
+from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.formats.qat import save_qat
 from dqtool.model.qmodules import ATTN_IMPL, prepare
 from dqtool.model.registry import num_layers, spec_for
@@ -412,7 +412,11 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
 
 
 def _describe_data(cfg: QATConfig) -> dict:
-    # hash_folder keys by relative path, so nested datasets files cannot collide by name.
-    p = Path(cfg.data)
-    hashes = hash_folder(p, exclude=()) if p.is_dir() else {p.name: sha256_file(p)}
-    return {"path": str(p.resolve()), "sha256": hashes}
+    # The files of the splits read, keyed by relative path (nested datasets files cannot
+    # collide by name), hashed through the stat-keyed cache.
+    from dqtool.data.pairs import split_files
+    from dqtool.formats.hashcache import describe_data
+
+    splits = [cfg.train_split] + ([cfg.eval_split] if cfg.eval_steps else [])
+    return describe_data(cfg.data, {k: v for s in splits for k, v in split_files(cfg.data, s).items()})
+

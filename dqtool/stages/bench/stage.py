@@ -513,11 +513,21 @@ def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> 
         (tmp / JSON_FILE).write_text(json.dumps(report, indent=1) + "\n")
         (tmp / MD_FILE).write_text(markdown(report))
         report["plots"] = plots(report, tmp) if cfg.plots else []
-        write_manifest(tmp, "bench", inputs={"models": [describe_source(m) for m in models],
-                                             "teacher": describe_source(cfg.teacher) if cfg.teacher else None,
-                                             "student": describe_source(cfg.student) if cfg.student else None},
-                       config=cfg)
+        write_manifest(tmp, "bench", inputs={"models": models, "teacher": cfg.teacher, "student": cfg.student,
+                                             **_describe_inputs(models, cfg)}, config=cfg)
     return BenchResult(out, report)
+
+
+def _describe_inputs(models: list[str], cfg: BenchConfig) -> dict:
+    """Hashes of what the report was measured on (for ``compress``'s plan): every model
+    folder (with its manifest's sha256), the teacher, the student and the data."""
+    from dqtool.data.pairs import split_files
+    from dqtool.formats.hashcache import describe_data
+    from dqtool.formats.hf import describe_source
+
+    named = [*models, *(m for m in (cfg.student, cfg.teacher) if m)]
+    return {"sources": {m: describe_source(m) for m in named},
+            "data": describe_data(cfg.data, split_files(cfg.data, cfg.split)) if cfg.data else None}
 
 
 # --------------------------------------------------------------------------- gates
