@@ -163,6 +163,9 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--act-block-size", type=int, default=None,
               help="Inputs per activation scale with --act-granularity block (default: --group-size, else 32).")
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
+@click.option("--pos-bits", default="none", show_default=True,
+              help="Learned position tables (BART, mBART): 'e' = quantized per row at the embedding bits, a bit "
+                   "width (8, 4, 3, 2), or 'none' = float. Fixed or relative positions have nothing to quantize.")
 @click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
 @click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
 @click.option("--logits-loss", "logits_kind", type=click.Choice(["mse", "kl"]), default="kl", show_default=True,
@@ -200,7 +203,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
 def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
-        act_granularity, act_block_size, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+        act_granularity, act_block_size, no_attention_quant, pos_bits, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
 
@@ -211,10 +214,10 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight
     from dqtool.stages.qat import QATConfig, qat as run_qat
     from dqtool.qmath.scheme import QuantScheme
 
-    scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
-                                  weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
-                                  act_granularity=act_granularity, act_block_size=act_block_size,
-                                  quantize_attention=not no_attention_quant)
+    scheme = QuantScheme.from_wea_pos(wea, pos_bits, weight_granularity=weight_granularity, weight_group_size=group_size,
+                                      weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
+                                      act_granularity=act_granularity, act_block_size=act_block_size,
+                                      quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
@@ -240,10 +243,13 @@ def _kb(n: int | None) -> str:
               help="Largest max|dlogit| / max|logit| that --float-dtype auto accepts for float16.")
 @click.option("--check-samples", type=int, default=8, show_default=True,
               help="Random check inputs compared between the QAT and the packed model.")
+@click.option("--ternary-storage", type=click.Choice(["base3", "2bit"]), default="base3", show_default=True,
+              help="2-bit code tables on disk: base3 = five codes per byte (1.6 bits per weight), decoded exactly to "
+                   "the 2-bit layout at load (ONNX: folded at session start); 2bit = four per byte.")
 @click.option("--teacher", default=None,
               help="fp32 teacher folder for the compression ratio (default: the teacher the QAT manifest records).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force):
+def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage, teacher, force):
     """Pack the fake-quant weights of a 'dqtool qat' folder QAT into true integers in OUT.
 
     Prints the footprint: the weights file, the bit-count bound of the scheme, and the
@@ -251,16 +257,20 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, force)
     """
     from dqtool.stages.convert import ConvertConfig, convert as run_convert
 
-    cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher)
+    cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher,
+                        ternary_storage=ternary_storage)
     r = run_convert(qat_dir, out, cfg, force=force)
     f, c = r.footprint, r.check
     click.echo(f"packed student ({r.wea}) written to {r.out_dir}")
     click.echo(f"  weights file   {_kb(f['packed_file_bytes'])}")
-    click.echo(f"  bit bound      {_kb(f['bound']['total'])} (codes {f['bound']['codes']:,} + scales "
-               f"{f['bound']['scales']:,} + floats {f['bound']['floats']:,}); file is {100 * f['over_bound']:.1f}% above")
+    b = f["bound"]
+    click.echo(f"  bit bound      {_kb(b['total'])}; file is {100 * f['over_bound']:.1f}% above")
+    for group in ("codes", "scales", "floats", "positions"):
+        click.echo(f"    {group:<10} {b.get(group, 0):>14,} bytes ({100 * b.get(group, 0) / max(b['total'], 1):5.1f}%)")
     click.echo(f"  fp32 teacher   {_kb(f['teacher_fp32_bytes'])}"
                + (f" -> {f['ratio_to_teacher']:.2f}x smaller" if f['ratio_to_teacher'] else " (teacher not found)"))
-    click.echo(f"  floats stored as {r.float_dtype}; packed vs QAT logits: max |d| {c['max_abs']:.3g}"
+    groups = ", ".join(f"{g} {d}" for g, d in r.float_dtypes.items())
+    click.echo(f"  floats stored as {r.float_dtype}{f' ({groups})' if groups else ''}; packed vs QAT logits: max |d| {c['max_abs']:.3g}"
                f"{' (bit-exact)' if c['bit_exact'] else ''}, greedy tokens "
                f"{'identical' if c['tokens_equal'] else 'DIFFER'} on {c['samples']} check inputs")
 

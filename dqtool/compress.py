@@ -46,7 +46,7 @@ from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "weight_method", "act_clip", "act_asymmetric", "act_granularity",
-               "act_block_size", "quantize_attention")
+               "act_block_size", "quantize_attention", "pos_bits")
 # Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
 # fields under the names the CLI flags use (so a recipe reads like the command line).
 SCHEME_FIELDS = {"weight_granularity": "weight_granularity", "group_size": "weight_group_size",
@@ -234,7 +234,9 @@ def recipe_from_dict(raw: Any, base: Path = Path("."), check_paths: bool = True)
     for wea in schemes:
         w_bits = parse_wea(str(wea), option="schemes")[0]  # the error then names the recipe key
         method = methods.get(w_bits, methods.get(None))
-        scheme = _section("qat", lambda: QuantScheme.from_wea(str(wea), weight_method=method, **scheme_kw))
+        # pos_bits: "e" (the scheme's E bits), "none" or a bit width.
+        scheme = _section("qat", lambda: QuantScheme.from_wea_pos(str(wea), skw.get("pos_bits"), weight_method=method,
+                                                                  **scheme_kw))
         qats[scheme.wea] = _section("qat", lambda: QATConfig(data=top["data"], scheme=scheme, losses=losses, **q))
 
     c = _check_keys("convert", top.get("convert"), _allowed(ConvertConfig, ("teacher",)))

@@ -16,6 +16,7 @@ from dqtool.data.pairs import TOO_LONG, DataConfig
 from dqtool.formats.packed import FLOAT_DTYPES
 from dqtool.model.layermap import SCHEMES
 from dqtool.model.losses import LOGIT_LOSSES, LossConfig
+from dqtool.model.packed import STORAGES
 from dqtool.qmath.quant import ACT_GRANULARITIES, GRANULARITIES, METHODS
 from dqtool.qmath.scheme import ACT_CLIPS, QuantScheme
 from dqtool.stages.bench.stage import BenchConfig
@@ -47,6 +48,7 @@ NOT_A_FIELD = {
     ("qat", "wea"): "parsed into w_bits/e_bits/a_bits", ("qat", "data"): "required",
     ("qat", "act_asymmetric"): "a flag for act_symmetric=False",
     ("qat", "no_attention_quant"): "a flag for quantize_attention=False",
+    ("qat", "pos_bits"): "text e / none / bits, parsed into pos_bits (none = the field's None)",
     ("qat", "teacher"): "a stage argument, not config", ("qat", "resume"): "a stage argument",
     ("convert", "teacher"): "default None = the teacher the QAT manifest records (as the field)",
     ("export", "accuracy_level"): None,  # a Choice of strings for the int field: checked below
@@ -67,6 +69,7 @@ CHOICES = {
     ("qat", "targets"): TARGETS,
     ("qat", "on_too_long"): TOO_LONG,
     ("convert", "float_dtype"): ("auto", *FLOAT_DTYPES),
+    ("convert", "ternary_storage"): STORAGES,
     ("export", "matmul"): MATMUL_CHOICES,
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
     ("export", "external_data"): EXTERNAL_DATA_CHOICES,

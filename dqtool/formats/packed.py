@@ -1,6 +1,7 @@
 """The packed folder (written by ``dqtool convert``): true packed integer weights.
 
-    packed.safetensors      qweight/scale per quantized module + floats (see dqtool.model.packed)
+    packed.safetensors      qweight/scale per quantized module + floats (see dqtool.model.packed);
+                            2-bit tables in base 3 when the layout entry says "storage": "base3"
     packing.json            format version, scheme, per-module layout, float dtype
     quantizers.safetensors  learned activation clips (PACT), when the scheme has them
     config.json, generation_config.json, tokenizer files, dqtool-manifest.json
@@ -26,7 +27,10 @@ ACCEPTS = "a 'dqtool convert' output (packing.json)"
 PACKED_FILE = "packed.safetensors"
 LAYOUT_FILE = "packing.json"
 FORMAT = "dqtool-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 = no base-3 tables and no quantized positions; convert still writes such folders as
+# format 1 (readable by older dqtool), and every version listed here is read.
+READ_VERSIONS = (1, 2)
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -68,14 +72,16 @@ def sort_safetensors_header(path: str | os.PathLike) -> None:
         f.write(text + b" " * (n - len(text)))
 
 
-def save(folder: Path, tensors: dict, doc: dict) -> None:
+def save(folder: Path, tensors: dict, doc: dict, version: int = FORMAT_VERSION) -> None:
     """Write ``packed.safetensors`` (``tensors``) and ``packing.json`` (``doc`` + format fields)
     into ``folder``; the caller adds the other files and writes the manifest last."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(folder / PACKED_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    if version not in READ_VERSIONS:
+        raise ValueError(f"packed format {version} is not one of {READ_VERSIONS}")
+    save_file(tensors, str(folder / PACKED_FILE), metadata={"format": FORMAT, "format_version": str(version)})
     sort_safetensors_header(folder / PACKED_FILE)
-    (folder / LAYOUT_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **doc},
+    (folder / LAYOUT_FILE).write_text(json.dumps({"format": FORMAT, "format_version": version, **doc},
                                                  indent=1) + "\n")
 
 
@@ -94,7 +100,7 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from dqtool.model.packed import build_packed_model
+    from dqtool.model.packed import build_packed_model, decode_storage
     from dqtool.qmath.scheme import QuantScheme
 
     p = Path(folder)
@@ -103,9 +109,9 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     verify(p)
     try:
         doc = json.loads((p / LAYOUT_FILE).read_text())
-        if doc.get("format_version") != FORMAT_VERSION:
+        if doc.get("format_version") not in READ_VERSIONS:
             raise DQToolError(f"{p} is packed format {doc.get('format_version')}, this dqtool reads "
-                              f"{FORMAT_VERSION}: re-run dqtool convert")
+                              f"{' and '.join(map(str, READ_VERSIONS))}: re-run dqtool convert")
         tensors = load_file(str(p / PACKED_FILE))
         qfile = doc.get("quantizers")
         qstate = load_file(str(p / qfile)) if qfile else {}
@@ -115,6 +121,7 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
         packed = {k: v for k, v in tensors.items()
                   if k.rsplit(".", 1)[-1] in ("qweight", "scale") and k.rsplit(".", 1)[0] in layout}
         floats = {k: v for k, v in tensors.items() if k not in packed}
+        packed, layout = decode_storage(packed, layout)   # base-3 tables -> the 2-bit layout, exactly
         model = build_packed_model(config, scheme, packed, layout, floats, qstate, dtype=dtype)
         if (p / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(p))

@@ -10,8 +10,15 @@ initializers the exporter writes:
     model.encoder.layers.0.fc1.bias      float [out]
     model.shared.qweight / .scale        the token embedding, per vocabulary row; a tied
                                          lm_head reads these (stored once)
+    model.encoder.embed_positions.qweight / .scale
+                                         learned positions when the scheme quantizes them
+                                         (``pos_bits``), per position row
 
-Everything else (layer norms, learned positions, BART's final_logits_bias, an untied
+On disk 2-bit codes may be stored in base 3 (five per byte, ``"storage": "base3"`` in the
+layout entry, :func:`encode_storage`); :func:`decode_storage` restores the 2-bit layout
+above exactly when a folder is loaded, so the modules always hold 2-bit rows.
+
+Everything else (layer norms, float learned positions, BART's final_logits_bias, an untied
 float lm_head) is stored as a float under its Hugging Face name. Fixed sinusoidal
 positions (Marian, Pegasus) are not stored: the model rebuilds them from its config.
 
@@ -27,9 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqtool.qmath.pack import ODD_CODE_METHODS, pack_codes, pack_method_codes, row_bytes, unpack_method_codes, \
-    zero_point
-from dqtool.model.qmodules import QuantEmbedding, QuantLinear, prepare, quantizer_state
+from dqtool.qmath.pack import ODD_CODE_METHODS, base3_row_bytes, base3_to_2bit, pack_base3, pack_codes, \
+    pack_method_codes, row_bytes, unpack_codes, unpack_method_codes, zero_point
+from dqtool.model.qmodules import (QuantEmbedding, QuantLinear, QuantPositionEmbedding, learned_position_ids, prepare,
+                                   quantizer_state)
 from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
 from dqtool.model.registry import ArchSpec, get_module, spec_for
 from dqtool.qmath.scheme import QuantScheme
@@ -127,6 +135,29 @@ class PackedEmbedding(nn.Module):
         return (codes.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)) * self.embed_scale
 
 
+class PackedPositionEmbedding(nn.Module):
+    """Learned position table stored as packed per-row codes (BART, mBART with ``pos_bits``).
+
+    Call signature of ``BartLearnedPositionalEmbedding``; gathers the rows' codes and
+    scales and multiplies, the same elementwise product as gathering rows of the
+    fake-quantized table, so it matches :class:`~dqtool.qmodules.QuantPositionEmbedding`
+    bit for bit.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, qweight: torch.Tensor,
+                 scale: torch.Tensor, offset: int):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.spec, self.offset = num_embeddings, embedding_dim, spec, offset
+        self.register_buffer("qweight", qweight)   # [P, ceil(d*bits/8)]
+        self.register_buffer("scale", scale)       # [P]
+
+    def forward(self, input_ids: torch.Tensor, past_key_values_length: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        rows = learned_position_ids(input_ids, past_key_values_length, position_ids, self.qweight.device) + self.offset
+        codes = unpack_codes(self.qweight[rows], self.spec.bits, self.embedding_dim)      # [B, T, d]
+        return codes.to(self.scale.dtype) * self.scale[rows].unsqueeze(-1)
+
+
 # --------------------------------------------------------------------------- QAT -> packed
 
 def _entry(kind: str, spec: QuantSpec, out: int, inp: int) -> dict:
@@ -205,6 +236,12 @@ def pack_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dic
         layout[spec.token_embedding] = _entry("embedding", emb.espec, emb.num_embeddings, emb.embedding_dim)
         ptrs.add(emb.weight.data_ptr())
     for name, mod in model.named_modules():
+        if isinstance(mod, QuantPositionEmbedding):
+            packed[f"{name}.qweight"], packed[f"{name}.scale"] = _pack_one(mod.weight, mod.pspec)
+            layout[name] = {**_entry("position", mod.pspec, mod.num_embeddings, mod.embedding_dim),
+                            "offset": mod.offset}
+            ptrs.add(mod.weight.data_ptr())
+    for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear) or mod.wspec is None:
             continue
         if mod.weight.data_ptr() == emb.weight.data_ptr():
@@ -266,6 +303,14 @@ def build_packed_model(config, scheme: QuantScheme, packed: dict[str, torch.Tens
         if name == emb_path:
             continue
         old = get_module(model, name)
+        if e["kind"] == "position":
+            if not isinstance(old, QuantPositionEmbedding) or e["shape"] != [old.num_embeddings, old.embedding_dim]:
+                raise ValueError(f"layout names {name} as a quantized position table, which this architecture and "
+                                 f"scheme do not have")
+            _set(model, name, PackedPositionEmbedding(old.num_embeddings, old.embedding_dim, spec_from_layout(e),
+                                                      take(f"{name}.qweight"), take(f"{name}.scale").to(dtype),
+                                                      old.offset))
+            continue
         if not isinstance(old, QuantLinear):
             raise ValueError(f"layout names {name}, which is not a quantized Linear of this architecture")
         if e["kind"] == "tied":
@@ -303,6 +348,54 @@ def build_packed_model(config, scheme: QuantScheme, packed: dict[str, torch.Tens
         if unexpected:
             raise ValueError(f"unknown quantizer tensors {unexpected[:3]}")
     return model.eval()
+
+
+# --------------------------------------------------------------------------- storage on disk
+
+STORAGES = ("base3", "2bit")
+
+
+def encode_storage(packed: dict[str, torch.Tensor], layout: dict[str, dict],
+                   ternary: str = "base3") -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``(tensors, layout)`` as written to disk: with ``ternary="base3"`` every 2-bit code
+    table (3 levels: ternary or 2-bit min-max) is stored five codes per byte
+    (:func:`dqtool.qmath.pack.pack_base3`) and its layout entry records ``storage``/``row_bytes``;
+    ``"2bit"`` stores the 2-bit layout as it is (the format of folders without ``storage``).
+
+    Example:
+        >>> lay = {"l": {"kind": "linear", "bits": 2, "shape": [1, 7], "row_bytes": 2}}
+        >>> t = {"l.qweight": pack_codes(torch.tensor([[1, 0, -1, 1, 1, 0, -1]], dtype=torch.int8), 2)}
+        >>> d, dl = encode_storage(t, lay)
+        >>> d["l.qweight"].shape, dl["l"]["storage"], torch.equal(decode_storage(d, dl)[0]["l.qweight"], t["l.qweight"])
+        (torch.Size([1, 2]), 'base3', True)
+    """
+    if ternary not in STORAGES:
+        raise ValueError(f"ternary storage '{ternary}' is not supported: choose {' or '.join(STORAGES)}")
+    out, lay = dict(packed), {k: dict(v) for k, v in layout.items()}
+    if ternary == "2bit":
+        return out, lay
+    for name, e in lay.items():
+        if e.get("kind") == "tied" or e["bits"] != 2 or e.get("method") in ODD_CODE_METHODS:
+            continue  # seq's four odd codes are 2 bits of information: nothing to gain
+        rows, n = e["shape"]
+        out[f"{name}.qweight"] = pack_base3(unpack_codes(packed[f"{name}.qweight"], 2, n))
+        e.update(storage="base3", row_bytes=base3_row_bytes(n), padding_trits=base3_row_bytes(n) * 5 - n)
+    return out, lay
+
+
+def decode_storage(tensors: dict[str, torch.Tensor], layout: dict[str, dict]) -> tuple[dict, dict]:
+    """Inverse of :func:`encode_storage`: base-3 tables back to the exact 2-bit layout the
+    modules (and kernels) read; entries without ``storage`` are returned as they are."""
+    out, lay = dict(tensors), {}
+    for name, e in layout.items():
+        e = dict(e)
+        if e.pop("storage", "2bit") == "base3":
+            n = e["shape"][1]
+            out[f"{name}.qweight"] = base3_to_2bit(tensors[f"{name}.qweight"], n)
+            e.pop("padding_trits", None)
+            e["row_bytes"] = row_bytes(n, 2)
+        lay[name] = e
+    return out, lay
 
 
 def _bias(old: QuantLinear, floats: dict, name: str, used: set, dtype) -> torch.Tensor | None:

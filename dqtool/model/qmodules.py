@@ -6,6 +6,8 @@
   on its input);
 * the token embedding and its tied aliases by :class:`QuantEmbedding` (E bits, per
   vocabulary row);
+* each learned position table (BART, mBART) by :class:`QuantPositionEmbedding` when the
+  scheme sets ``pos_bits`` (per row, like the token embedding);
 * ``lm_head`` by a :class:`QuantLinear` with the *embedding* spec when it is tied to
   the embedding (the one stored matrix is trained at the precision export will use),
   and the weight spec when it is not (T5 v1.1);
@@ -129,6 +131,51 @@ class QuantEmbedding(nn.Module):
         return F.embedding(ids, table, self.padding_idx) * self.embed_scale
 
 
+def learned_position_ids(input_ids: torch.Tensor, past_key_values_length: int = 0,
+                         position_ids: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """The positions BART's learned position table looks up (before its offset of 2), as
+    ``BartLearnedPositionalEmbedding.forward`` computes them: ``[B, T]`` from
+    ``past_key_values_length``, or ``[1, T]`` from the given ``position_ids``."""
+    if position_ids is None:
+        bsz, seq_len = input_ids.shape[:2]
+        return torch.arange(past_key_values_length, past_key_values_length + seq_len, dtype=torch.long,
+                            device=device).expand(bsz, -1)
+    return position_ids.unsqueeze(0)
+
+
+class QuantPositionEmbedding(nn.Module):
+    """BART/mBART learned position table, fake-quantized per row (one scale per position).
+
+    Same call signature and output as ``BartLearnedPositionalEmbedding`` (ids of the input
+    only give its shape; rows ``position + offset`` are looked up), holding the same
+    ``weight`` Parameter, so the state dict and ``save_pretrained`` are unchanged.
+
+    Example:
+        >>> from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+        >>> hf = BartLearnedPositionalEmbedding(10, 4)
+        >>> q = QuantPositionEmbedding(hf, QuantSpec.weight(8, role="embedding"))
+        >>> ids = torch.zeros(2, 3, dtype=torch.long)
+        >>> q(ids).shape, torch.allclose(q(ids, 1), hf(ids, 1), atol=0.02)
+        (torch.Size([2, 3, 4]), True)
+    """
+
+    def __init__(self, emb: nn.Embedding, pspec: QuantSpec):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.offset = int(getattr(emb, "offset", 0))
+        self.weight = emb.weight
+        self.pspec = pspec
+
+    def forward(self, input_ids: torch.Tensor, past_key_values_length: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        pos = learned_position_ids(input_ids, past_key_values_length, position_ids, self.weight.device)
+        return F.embedding(pos + self.offset, fake_quant(self.weight, self.pspec))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, offset={self.offset}, " \
+               f"p={self.pspec.bits}b-{self.pspec.method}-row"
+
+
 def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs):
     """BART-family eager attention with the matmul inputs fake-quantized.
 
@@ -194,6 +241,10 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
     tied = spec.lm_head_tied(model.config)
     for path in (spec.token_embedding, *spec.embedding_aliases):
         _set_module(model, path, QuantEmbedding(get_module(model, path), espec))
+    pspec = scheme.position_spec()
+    if pspec is not None and spec.positions_learned:
+        for path in spec.position_embeddings:
+            _set_module(model, path, QuantPositionEmbedding(get_module(model, path), pspec))
     head = get_module(model, spec.lm_head)
     assert (head.weight is emb.weight) == tied, "registry tie flag disagrees with the model"
     if aspec is not None and aspec.granularity == "block":

@@ -319,3 +319,63 @@ def onnx_linear(linear, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
     src = linear.tied_to if linear.tied_to is not None else linear
     bias = linear.bias if linear.bias is not None else torch.zeros(plan.out_features, dtype=src.scale.dtype)
     return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, linear.spec, linear.act_spec)
+
+
+# --------------------------------------------------------------------------- base-3 storage
+
+def base3_decode_nodes(src: str, dst: str, rows: int, n: int) -> list:
+    """ONNX nodes that turn the base-3 initializer ``src`` (uint8 ``[rows, ceil(n/5)]``,
+    :func:`dqtool.qmath.pack.pack_base3`) into ``dst``: the same codes in the 2-bit layout (uint8
+    ``[rows, ceil(n/4)]``, :func:`dqtool.qmath.pack.pack_codes`), exactly.
+
+    A Gather into a 243x5 table turns each byte into its five 2-bit values (``trit + 1`` =
+    ``code + 2``, the 2-bit zero point; base 3's padding trit 1 is the 2-bit padding value
+    2), then four values at a time are shifted into one byte (BitShift, BitwiseOr on
+    uint8). Only an initializer feeds them, so ONNX Runtime constant-folds them when the
+    session starts and the kernels read the same 2-bit bytes as without base-3 storage;
+    nothing runs per step.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dqtool.qmath.pack import TRITS_PER_BYTE, base3_row_bytes, row_bytes
+
+    nb, m = base3_row_bytes(n), row_bytes(n, 2)
+    have, need = nb * TRITS_PER_BYTE, m * 4
+    p = f"{dst}/"
+    lut = np.array([[(b // 3 ** i) % 3 + 1 for i in range(TRITS_PER_BYTE)] for b in range(3 ** TRITS_PER_BYTE)],
+                   dtype=np.uint8)
+
+    def const(name, arr):  # (unnamed values: identical ones across tables are merged by the exporter)
+        return helper.make_node("Constant", [], [p + name], value=numpy_helper.from_array(np.asarray(arr)))
+
+    consts = [const("lut", lut), const("shape_vals", np.array([rows, have], dtype=np.int64)),
+              const("shape_quads", np.array([rows, m, 4], dtype=np.int64)),
+              const("shape_out", np.array([rows, m], dtype=np.int64))]
+    nodes = [helper.make_node("Cast", [src], [p + "idx"], to=TensorProto.INT32),
+             helper.make_node("Gather", [p + "lut", p + "idx"], [p + "vals5"], axis=0),       # [rows, nb, 5]
+             helper.make_node("Reshape", [p + "vals5", p + "shape_vals"], [p + "vals"])]    # [rows, 5 nb]
+    vals = p + "vals"
+    if have > need:
+        consts += [const("zero", np.array([0], dtype=np.int64)), const("need", np.array([need], dtype=np.int64)),
+                   const("axis1", np.array([1], dtype=np.int64))]
+        nodes.append(helper.make_node("Slice", [vals, p + "zero", p + "need", p + "axis1"], [p + "cut"]))
+        vals = p + "cut"
+    elif have < need:   # pad with the value of code 0
+        consts += [const("two", np.array(2, dtype=np.uint8)),
+                   const("pad_shape", np.array([rows, need - have], dtype=np.int64))]
+        nodes += [helper.make_node("Expand", [p + "two", p + "pad_shape"], [p + "pad"]),
+                  helper.make_node("Concat", [vals, p + "pad"], [p + "padded"], axis=1)]
+        vals = p + "padded"
+    consts += [const("s2", np.array(2, dtype=np.uint8)), const("s4", np.array(4, dtype=np.uint8)),
+               const("s6", np.array(6, dtype=np.uint8))]
+    nodes += [helper.make_node("Reshape", [vals, p + "shape_quads"], [p + "quads"]),
+              helper.make_node("Split", [p + "quads"], [p + f"v{i}" for i in range(4)], axis=2, num_outputs=4),
+              helper.make_node("BitShift", [p + "v1", p + "s2"], [p + "w1"], direction="LEFT"),
+              helper.make_node("BitShift", [p + "v2", p + "s4"], [p + "w2"], direction="LEFT"),
+              helper.make_node("BitShift", [p + "v3", p + "s6"], [p + "w3"], direction="LEFT"),
+              helper.make_node("BitwiseOr", [p + "v0", p + "w1"], [p + "o1"]),
+              helper.make_node("BitwiseOr", [p + "o1", p + "w2"], [p + "o2"]),
+              helper.make_node("BitwiseOr", [p + "o2", p + "w3"], [p + "o3"]),
+              helper.make_node("Reshape", [p + "o3", p + "shape_out"], [dst])]
+    return consts + nodes

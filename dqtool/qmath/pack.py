@@ -201,3 +201,83 @@ def pack_method_codes(codes: torch.Tensor, bits: int, method: str) -> torch.Tens
 def unpack_method_codes(packed: torch.Tensor, bits: int, n: int, method: str) -> torch.Tensor:
     """Inverse of :func:`pack_method_codes`: int8 codes ``[..., n]`` of ``method``."""
     return unpack_odd_codes(packed, bits, n) if method in ODD_CODE_METHODS else unpack_codes(packed, bits, n)
+
+
+# --------------------------------------------------------------------------- base-3 storage
+
+# Ternary codes carry log2(3) = 1.585 bits; five of them fit in one byte (3^5 = 243 <= 256),
+# 1.6 bits per code on disk instead of 2 (llama.cpp's TQ1_0 packs ternary weights the same way).
+TRITS_PER_BYTE = 5
+_POW3 = (1, 3, 9, 27, 81)
+
+
+def base3_row_bytes(n: int) -> int:
+    """Bytes one base-3 row of ``n`` ternary codes takes: ``ceil(n / 5)``.
+
+    Example:
+        >>> base3_row_bytes(768), base3_row_bytes(1), base3_row_bytes(10)
+        (154, 1, 2)
+    """
+    return -(-n // TRITS_PER_BYTE)
+
+
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Pack ternary codes ``[..., n]`` (int8 in {-1, 0, 1}) five per byte: ``[..., ceil(n/5)]`` uint8.
+
+    Trit ``t = code + 1`` in {0, 1, 2}; byte ``j`` of a row holds codes ``5j .. 5j+4`` as
+    ``t0 + 3 t1 + 9 t2 + 27 t3 + 81 t4`` (lowest trit first). The last byte's unused
+    trits hold the code 0 (t = 1), like the 2-bit layout's padding.
+
+    Example:
+        >>> pack_base3(torch.tensor([[-1, 0, 1, 1, -1, 1]], dtype=torch.int8)).tolist()   # 0+3+18+54+0, 2+3+9+27+81
+        [[75, 122]]
+    """
+    c = codes.to(torch.int16)
+    if c.numel() and (int(c.min()) < -1 or int(c.max()) > 1):
+        raise ValueError("codes outside [-1, 1] cannot be stored in base 3")
+    n = c.shape[-1]
+    nbytes = base3_row_bytes(n)
+    t = torch.nn.functional.pad(c + 1, (0, nbytes * TRITS_PER_BYTE - n), value=1).to(torch.int32)
+    t = t.reshape(*c.shape[:-1], nbytes, TRITS_PER_BYTE)
+    w = torch.tensor(_POW3, dtype=torch.int32, device=codes.device)
+    return (t * w).sum(-1).to(torch.uint8)
+
+
+def unpack_base3(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_base3`: ``[..., ceil(n/5)]`` uint8 -> ``[..., n]`` int8 codes.
+
+    A byte above 242 is not a base-3 byte and is a ValueError (a corrupted file, not codes).
+
+    Example:
+        >>> unpack_base3(torch.tensor([[75, 122]], dtype=torch.uint8), 6).tolist()
+        [[-1, 0, 1, 1, -1, 1]]
+    """
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"base-3 codes must be uint8, got {packed.dtype}")
+    if packed.shape[-1] != base3_row_bytes(n):
+        raise ValueError(f"a base-3 row of {n} codes takes {base3_row_bytes(n)} bytes, got {packed.shape[-1]}")
+    if packed.numel() and int(packed.max()) >= 3 ** TRITS_PER_BYTE:
+        raise ValueError(f"byte {int(packed.max())} is not a base-3 byte (at most {3 ** TRITS_PER_BYTE - 1})")
+    codes = _base3_table(packed.device)[packed.long()]                  # [..., nbytes, 5] in {-1, 0, 1}
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].contiguous()
+
+
+def _base3_table(device) -> torch.Tensor:
+    # [243, 5] int8: the five codes of each base-3 byte (a lookup is much faster than div/mod).
+    b = torch.arange(3 ** TRITS_PER_BYTE, dtype=torch.int32, device=device).unsqueeze(-1)
+    w = torch.tensor(_POW3, dtype=torch.int32, device=device)
+    return (torch.div(b, w, rounding_mode="floor") % 3 - 1).to(torch.int8)
+
+
+def base3_to_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Base-3 rows -> the same codes in the 2-bit layout (:func:`pack_codes` with 2 bits), exactly.
+
+    What the loader does: kernels (and the packed runtime) read 2-bit codes; only the file
+    holds five per byte.
+
+    Example:
+        >>> codes = torch.tensor([[1, 0, -1, 1, 1, 0, -1]], dtype=torch.int8)
+        >>> torch.equal(base3_to_2bit(pack_base3(codes), 7), pack_codes(codes, 2))
+        True
+    """
+    return pack_codes(unpack_base3(packed, n), 2)

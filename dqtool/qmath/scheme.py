@@ -20,6 +20,27 @@ ACT_BLOCK_SIZES = (16, 32, 64, 128, 256)   # MatMulNBits block sizes
 DEFAULT_ACT_BLOCK = 32
 
 
+def parse_pos_bits(pos: str | int | None, e_bits: int | None) -> int | None:
+    """``--pos-bits``: ``e`` follows the embedding bits, ``none`` keeps float, else 8/4/3/2.
+
+    Example:
+        >>> parse_pos_bits("e", 4), parse_pos_bits("none", 4), parse_pos_bits("8", 2)
+        (4, None, 8)
+    """
+    if pos is None:
+        return None
+    word = str(pos).strip().lower()
+    if word == "e":
+        return e_bits
+    if word in ("none", "float"):
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        raise DQToolError(f"position bits '{pos}' is not supported: choose e (the embedding bits), none, "
+                          f"8, 4, 3 or 2") from None
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """Which tensors are fake-quantized during QAT, and how.
@@ -44,6 +65,10 @@ class QuantScheme:
     #                                       | block: MatMulNBits' own int8 input quantizer (per row and block of K)
     act_block_size: int | None = None     # block only: None = the weight group size, else 32
     quantize_attention: bool = True       # also the inputs of the attention matmuls (q.k, probs.v)
+    # Learned absolute positions (BART, mBART: one table per stack), per row like the token
+    # embedding; None keeps them in float (folders written before this field existed).
+    # Architectures with fixed or relative positions (Marian, Pegasus, T5) have none to quantize.
+    pos_bits: int | None = None
 
     def __post_init__(self):
         if self.act_clip not in ACT_CLIPS:
@@ -67,12 +92,24 @@ class QuantScheme:
         self.weight_spec()
         self.embedding_spec()
         self.activation_spec()
+        self.position_spec()
 
     @classmethod
     def from_wea(cls, wea: str, **overrides) -> "QuantScheme":
         """Scheme from a ``W-E-A`` string plus any other field."""
         w, e, a = parse_wea(wea)
         return cls(w_bits=w, e_bits=e, a_bits=a, **overrides)
+
+    @classmethod
+    def from_wea_pos(cls, wea: str, pos: str | int | None, **overrides) -> "QuantScheme":
+        """:meth:`from_wea` with position bits given as ``"e"`` (the E bits), ``"none"`` or a number.
+
+        Example:
+            >>> QuantScheme.from_wea_pos("4-2-8", "e").pos_bits, QuantScheme.from_wea_pos("4-2-8", "none").pos_bits
+            (2, None)
+        """
+        w, e, a = parse_wea(wea)
+        return cls(w_bits=w, e_bits=e, a_bits=a, pos_bits=parse_pos_bits(pos, e), **overrides)
 
     @property
     def wea(self) -> str:
@@ -97,6 +134,14 @@ class QuantScheme:
         if self.act_block_size is not None:
             return self.act_block_size
         return self.weight_group_size if self.weight_granularity == "group" else DEFAULT_ACT_BLOCK
+    def position_spec(self) -> QuantSpec | None:
+        """Spec of the learned position tables: per row (one scale per position), ternary at 2 bits.
+
+        Example:
+            >>> QuantScheme.from_wea("2-2-8", pos_bits=2).position_spec().method
+            'ternary'
+        """
+        return None if self.pos_bits is None else QuantSpec.weight(self.pos_bits, "row", role="embedding")
 
     def activation_spec(self) -> QuantSpec | None:
         return None if self.a_bits is None else QuantSpec.activation(

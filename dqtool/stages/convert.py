@@ -6,12 +6,15 @@
 
 1. load the QAT student with its fake quantization (:func:`dqtool.formats.qat.load_qat`);
 2. pack every quantized Linear and the token embedding (:func:`dqtool.model.packed.pack_model`);
-3. choose the dtype of the tensors that stay in floating point (layer norms, biases,
-   learned positions): ``auto`` takes float16 when the packed model's logits stay within
-   ``tolerance`` of the QAT model's and greedy tokens are identical on check inputs,
-   else float32 (which is bit-exact by construction, and checked);
-4. write the folder atomically with a manifest holding every file's hash, the
-   per-tensor scheme and the footprint.
+3. choose the dtype of the tensors that stay in floating point, per group (biases, norms,
+   float learned positions, other): ``auto`` takes float16 for every group when the packed
+   model's logits stay within ``tolerance`` of the QAT model's and greedy tokens are
+   identical on check inputs; otherwise it starts from float32 (bit-exact by construction,
+   and checked) and moves one group at a time to float16, keeping each move that passes;
+4. store 2-bit code tables in base 3 (five codes per byte, ``ternary_storage="base3"``)
+   or in the 2-bit layout, checked to decode back exactly;
+5. write the folder atomically with a manifest holding every file's hash, the
+   per-tensor scheme and the footprint with its bit-count bound per tensor group.
 
 The packed folder's files, detection, loading (:func:`~dqtool.formats.packed.load_packed`) and integrity check are
 :mod:`dqtool.formats.packed`'s. Learned weight ranges (lsq / seq) are not stored there: the
@@ -21,6 +24,7 @@ packed scales hold them.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -32,9 +36,11 @@ from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.formats.packed import FLOAT_DTYPES, PACKED_FILE
+from dqtool.model.packed import STORAGES
 from dqtool.formats.packed import save as save_packed
 from dqtool.base.fsutil import locked
 
+FLOAT_GROUPS = ("positions", "other", "biases", "norms")   # greedy float16 order: largest first
 _COPIED = ("config.json", "generation_config.json")
 
 
@@ -57,6 +63,9 @@ class ConvertConfig:
     check_length: int = 24          # source tokens per check input; greedy decodes as many
     teacher: str | None = None      # fp32 teacher for the ratio (default: the one the QAT manifest names)
     seed: int = 0
+    # 2-bit code tables on disk: base3 = five codes per byte (1.6 bits per code), decoded to
+    # the 2-bit layout at load; 2bit = the kernels' layout as stored before.
+    ternary_storage: str = "base3"
 
     def __post_init__(self):
         if self.float_dtype != "auto" and self.float_dtype not in FLOAT_DTYPES:
@@ -66,6 +75,9 @@ class ConvertConfig:
             raise ConfigError(f"{{tolerance}} must be > 0, got {self.tolerance}")
         if self.check_samples < 1 or self.check_length < 2:
             raise ConfigError("{check_samples} must be >= 1 and {check_length} >= 2")
+        if self.ternary_storage not in STORAGES:
+            raise ConfigError(f"{{ternary_storage}} '{self.ternary_storage}' is not supported: choose "
+                              + " or ".join(STORAGES))
 
 
 @dataclass(frozen=True)
@@ -75,24 +87,45 @@ class ConvertResult:
     float_dtype: str
     footprint: dict = field(default_factory=dict)
     check: dict = field(default_factory=dict)
+    float_dtypes: dict = field(default_factory=dict)   # per float group (biases, norms, positions, other)
 
 
 # --------------------------------------------------------------------------- footprint
 
-def bit_bound(layout: dict, packed: dict, floats: dict) -> dict:
-    """The bytes this scheme needs at least: every code at its bit width (no padding),
-    plus scales and floats at their stored dtype.
+def code_bits(entry: dict) -> float:
+    """Bits one code of a layout entry needs at least in its storage: ``log2(3)`` for a
+    base-3 table (3 levels; stored at 1.6), else its bit width."""
+    return math.log2(3) if entry.get("storage") == "base3" else float(entry["bits"])
+
+
+def bit_bound(layout: dict, packed: dict, floats: dict, positions: tuple[str, ...] = ()) -> dict:
+    """The bytes this scheme needs at least, per tensor group: every code at its bit width
+    (:func:`code_bits`, no padding), scales and floats at their stored dtype. ``positions``
+    (the learned position tables' module paths) is its own group, quantized or float.
 
     Example:
         >>> lay = {"l": {"kind": "linear", "bits": 2, "shape": [4, 10]}}
         >>> t = {"l.qweight": torch.zeros(4, 3, dtype=torch.uint8), "l.scale": torch.zeros(4)}
         >>> bit_bound(lay, t, {"b": torch.zeros(4, dtype=torch.float16)})
-        {'codes': 10, 'scales': 16, 'floats': 8, 'total': 34}
+        {'codes': 10, 'scales': 16, 'floats': 8, 'positions': 0, 'total': 34}
+        >>> bit_bound({**lay, "l": {**lay["l"], "storage": "base3"}}, t, {})["codes"]   # 40 trits: 63.4 bits
+        8
     """
-    codes = sum(e["shape"][0] * e["shape"][1] * e["bits"] for e in layout.values() if e["kind"] != "tied")
-    scales = sum(t.numel() * t.element_size() for k, t in packed.items() if k.endswith(".scale"))
-    fl = sum(t.numel() * t.element_size() for t in floats.values())
-    out = {"codes": (codes + 7) // 8, "scales": scales, "floats": fl}
+    def is_pos(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in positions)
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    codes = sum(e["shape"][0] * e["shape"][1] * code_bits(e) for n, e in layout.items()
+                if e["kind"] != "tied" and not is_pos(n))
+    pos_codes = sum(e["shape"][0] * e["shape"][1] * code_bits(e) for n, e in layout.items()
+                    if e["kind"] != "tied" and is_pos(n))
+    out = {"codes": math.ceil(codes / 8),
+           "scales": sum(nbytes(t) for k, t in packed.items() if k.endswith(".scale") and not is_pos(k)),
+           "floats": sum(nbytes(t) for k, t in floats.items() if not is_pos(k)),
+           "positions": math.ceil(pos_codes / 8) + sum(nbytes(t) for k, t in {**packed, **floats}.items()
+                                                       if is_pos(k) and t.is_floating_point())}
     out["total"] = sum(out.values())
     return out
 
@@ -124,25 +157,78 @@ def compare(ref, model, ids: torch.Tensor, new_tokens: int) -> dict:
             "new_tokens": new_tokens}
 
 
+def float_groups(model, floats: dict) -> dict[str, list[str]]:
+    """Float tensor names by group: ``positions`` (learned position tables kept in float),
+    ``norms`` (layer/RMS norm weights and biases), ``biases`` (Linear biases,
+    final_logits_bias) and ``other`` (anything else, e.g. a float lm_head)."""
+    from dqtool.model.registry import get_module, spec_for
+
+    spec = spec_for(model.config)
+    groups: dict[str, list[str]] = {g: [] for g in FLOAT_GROUPS}
+    for k in floats:
+        path = k.rsplit(".", 1)[0]
+        try:
+            mod = get_module(model, path)
+        except AttributeError:
+            mod = None
+        if any(k.startswith(p + ".") for p in spec.position_embeddings):
+            groups["positions"].append(k)
+        elif mod is not None and "norm" in type(mod).__name__.lower():
+            groups["norms"].append(k)
+        elif k.endswith("bias"):
+            groups["biases"].append(k)
+        else:
+            groups["other"].append(k)
+    return {g: v for g, v in groups.items() if v}
+
+
 def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertConfig):
+    """``(dtype word, stored floats, check of the choice, checks tried, dtype per group)``."""
     from dqtool.model.packed import build_packed_model
 
     ids = _check_inputs(qat_model.config, cfg)
-    candidates = ["float16", "float32"] if cfg.float_dtype == "auto" else [cfg.float_dtype]
+    groups = float_groups(qat_model, floats)
     tried = {}
-    for name in candidates:
-        stored = {k: v.to(FLOAT_DTYPES[name]) for k, v in floats.items()}
+
+    def attempt(label: str, dtypes: dict[str, str]):
+        group_of = {k: g for g, keys in groups.items() for k in keys}
+        stored = {k: v.to(FLOAT_DTYPES[dtypes[group_of[k]]]) for k, v in floats.items()}
         model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
         model.generation_config = copy.deepcopy(qat_model.generation_config)
         check = compare(qat_model, model, ids, cfg.check_length)
-        tried[name] = check
-        if name == "float32" and not check["bit_exact"]:
+        tried[label] = check
+        ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
+        return ok, stored, check
+
+    def word(dtypes: dict[str, str]) -> str:
+        used = set(dtypes.values())
+        return used.pop() if len(used) == 1 else "mixed"
+
+    if cfg.float_dtype != "auto":
+        dtypes = {g: cfg.float_dtype for g in groups}
+        _, stored, check = attempt(cfg.float_dtype, dtypes)
+        if cfg.float_dtype == "float32" and not check["bit_exact"]:
             raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                               f"with float32 floats; this is a dqtool bug: please report it")
-        ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
-        if ok or cfg.float_dtype != "auto":
-            return name, stored, check, tried
-    raise AssertionError(f"float32 always passes: {tried}")
+        return cfg.float_dtype, stored, check, tried, dtypes
+    all16 = {g: "float16" for g in groups}
+    ok, stored, check = attempt("float16", all16)
+    if ok:
+        return word(all16), stored, check, tried, all16
+    # Greedy per group: from float32 (exact), move each group to float16 while the check holds.
+    dtypes = {g: "float32" for g in groups}
+    ok, stored, check = attempt("float32", dtypes)
+    if not check["bit_exact"]:
+        raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
+                          f"with float32 floats; this is a dqtool bug: please report it")
+    for g in FLOAT_GROUPS:
+        if g not in groups:
+            continue
+        trial = {**dtypes, g: "float16"}
+        ok, t_stored, t_check = attempt(f"float16:{g}", trial)
+        if ok:
+            dtypes, stored, check = trial, t_stored, t_check
+    return word(dtypes), stored, check, tried, dtypes
 
 
 # --------------------------------------------------------------------------- stage
@@ -160,7 +246,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
 
     from dqtool.formats.hf import describe_source, fp32_bytes
     from dqtool.formats.qat import QSTATE_FILE, SCHEME_FILE, is_qat_folder, load_qat
-    from dqtool.model.packed import pack_model, skipped_float_keys
+    from dqtool.model.packed import decode_storage, encode_storage, pack_model, skipped_float_keys
     from dqtool.model.qmodules import activation_quantizer_state
     from dqtool.model.registry import spec_for
 
@@ -180,7 +266,11 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     # keeps only the activation quantizers' state.
     qstate = activation_quantizer_state(load_file(str(qpath))) if qpath.is_file() else {}
     packed, layout, floats = pack_model(model)
-    fdtype, stored, check, tried = _choose_float_dtype(model, packed, layout, floats, qstate, cfg)
+    fdtype, stored, check, tried, group_dtypes = _choose_float_dtype(model, packed, layout, floats, qstate, cfg)
+    disk, disk_layout = encode_storage(packed, layout, cfg.ternary_storage)
+    back, _ = decode_storage(disk, disk_layout)
+    if any(not torch.equal(back[k], packed[k]) for k in packed):
+        raise DQToolError("base-3 storage did not decode to the packed codes; this is a dqtool bug: please report it")
 
     teacher = cfg.teacher or ((qat_manifest or {}).get("inputs", {}).get("teacher", {}) or {}).get("path")
     teacher_fp32 = fp32_bytes(teacher) if teacher else None
@@ -189,11 +279,15 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     with atomic_output(out, force=force) as tmp:
         doc = {"architecture": spec.name,
                "scheme": scheme.to_dict(), "wea": scheme.wea, "float_dtype": fdtype,
+               **({"float_dtypes": group_dtypes} if fdtype == "mixed" else {}),
                "scale_dtype": str(next((t.dtype for k, t in packed.items() if k.endswith(".scale")), "none")),
-               "layout": layout, "floats": sorted(stored),
+               "layout": disk_layout, "floats": sorted(stored),
                "rebuilt_from_config": list(skipped_float_keys(spec)),
                "quantizers": QSTATE_FILE if qstate else None}
-        save_packed(tmp, {**packed, **{k: v.contiguous() for k, v in stored.items()}}, doc)
+        # Format 2 only when the folder needs it (base-3 tables, quantized positions): others
+        # stay readable by dqtool versions that know format 1.
+        version = 2 if any(e.get("storage") == "base3" or e["kind"] == "position" for e in disk_layout.values()) else 1
+        save_packed(tmp, {**disk, **{k: v.contiguous() for k, v in stored.items()}}, doc, version)
         for name in _COPIED:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
@@ -202,7 +296,7 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
         if tok is not None:
             tok.save_pretrained(tmp)
         weights = (tmp / PACKED_FILE).stat().st_size
-        bound = bit_bound(layout, packed, stored)
+        bound = bit_bound(disk_layout, disk, stored, spec.position_embeddings)
         total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         footprint = {"packed_file_bytes": weights, "bound": bound,
                      "over_bound": round(weights / bound["total"] - 1, 4),
@@ -213,8 +307,9 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
                        inputs={"qat": describe_source(src),
                                "qat_manifest_files": (qat_manifest or {}).get("files")},
                        config=cfg,
-                       extra={"wea": scheme.wea, "float_dtype": fdtype, "check": check, "checks_tried": tried,
+                       extra={"wea": scheme.wea, "float_dtype": fdtype, "float_dtypes": group_dtypes,
+                              "ternary_storage": cfg.ternary_storage, "check": check, "checks_tried": tried,
                               "footprint": footprint,
                               "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
-                                          for k, v in {**packed, **stored}.items()}})
-    return ConvertResult(out, scheme.wea, fdtype, footprint, check)
+                                          for k, v in {**disk, **stored}.items()}})
+    return ConvertResult(out, scheme.wea, fdtype, footprint, check, group_dtypes)

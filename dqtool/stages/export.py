@@ -43,6 +43,7 @@ from dqtool.base.config_error import ConfigError
 from dqtool.base.errors import DQToolError
 from dqtool.base.progress import stage
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
+from dqtool.qmath.pack import unpack_codes
 from dqtool.qmath.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block, onnx_linear
 from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE, ONNX_SUBDIR  # the file names the runtime loads
 from dqtool.formats.onnx import MERGED_FILE as DECODER_FILE
@@ -185,7 +186,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         plans = plan_linears(load_packed("runs/packed")[0], ExportConfig())
         plans["model.encoder.layers.0.fc1"].path   # 'integer'
     """
-    from dqtool.model.packed import PackedEmbedding, PackedLinear
+    from dqtool.model.packed import PackedEmbedding, PackedLinear, PackedPositionEmbedding
     from dqtool.model.registry import runs_per_token, spec_for
     from dqtool.qmath.pack import ODD_CODE_METHODS
 
@@ -206,6 +207,9 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                           f"{' and '.join(sorted(bad, reverse=True))} bits 2, 4 or 8")
     plans = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, (PackedEmbedding, PackedPositionEmbedding)) and mod.spec.bits not in NBITS_BITS:
+            raise DQToolError(f"{mod.spec.bits}-bit embeddings or positions cannot be exported (the ONNX graphs "
+                              f"unpack 2, 4 or 8 bits per code): choose E bits (and --pos-bits) 2, 4 or 8")
         if not isinstance(mod, PackedLinear):
             continue  # float Linears (a W 'none' scheme, or the lm_head tied to a float embedding) stay float
         spec = mod.spec
@@ -348,6 +352,80 @@ def compact_names(onnx_model) -> None:
         g.doc_string = ""
 
 
+def store_base3(onnx_model, base3: dict[str, torch.Tensor], layout: dict[str, dict]) -> list[str]:
+    """Store the 2-bit code tables named in ``base3`` (``{initializer name: base-3 bytes as the
+    packed folder holds them}``) in base 3, in place: the initializer keeps its packed name and
+    now holds the base-3 bytes; decode nodes (:func:`dqtool.qmath.onnx_ops.base3_decode_nodes`) in
+    the same graph rebuild the 2-bit table that every former consumer now reads. Returns the
+    names rewritten. Each table is checked to decode to the bytes the graph held."""
+    from onnx import numpy_helper
+
+    from dqtool.qmath.onnx_ops import base3_decode_nodes
+    from dqtool.qmath.pack import base3_to_2bit
+
+    done = []
+    # Innermost graphs first: rebuilding a graph's node list copies the subgraphs in it.
+    for g in reversed(list(_all_graphs(onnx_model.graph))):
+        new_nodes = []
+        for init in g.initializer:
+            if init.name not in base3 or init.name in done:
+                continue
+            name = init.name
+            rows, n = layout[name.rsplit(".", 1)[0]]["shape"]
+            old = torch.from_numpy(numpy_helper.to_array(init).copy())
+            if not torch.equal(base3_to_2bit(base3[name], n), old):
+                raise DQToolError(f"{name}: the packed folder's base-3 codes do not match the graph's; re-run dqtool "
+                                  f"convert and export")
+            init.CopyFrom(numpy_helper.from_array(base3[name].numpy(), name))
+            dst = f"{name}.2bit"
+            for sub in _all_graphs(g):
+                for node in sub.node:
+                    for i, x in enumerate(node.input):
+                        if x == name:
+                            node.input[i] = dst
+            new_nodes += base3_decode_nodes(name, dst, rows, n)
+            done.append(name)
+        if new_nodes:
+            existing = list(g.node)
+            del g.node[:]
+            g.node.extend(new_nodes + existing)
+    return done
+
+
+def dedupe_constants(onnx_model) -> int:
+    """Drop Constant nodes that repeat an earlier Constant of the same graph (same value and
+    type), pointing their users, in that graph and the graphs nested in it, at the first one;
+    returns how many were dropped. The exporter writes the same small constants (axes,
+    shapes, 1.0) hundreds of times; at a 2-bit BART-base 6-1 student the graphs are a few
+    percent of the folder. Run after :func:`compact_names` (value names unique model-wide)."""
+    dropped = 0
+    # Innermost graphs first: rebuilding a graph's node list copies the subgraphs in it.
+    for g in reversed(list(_all_graphs(onnx_model.graph))):
+        outputs = {v.name for v in g.output}
+        first: dict[bytes, str] = {}
+        mapping: dict[str, str] = {}
+        keep = []
+        for node in g.node:
+            if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] not in outputs:
+                key = b"".join(a.SerializeToString(deterministic=True) for a in node.attribute)
+                if key in first:
+                    mapping[node.output[0]] = first[key]
+                    dropped += 1
+                    continue
+                first[key] = node.output[0]
+            keep.append(node)
+        if not mapping:
+            continue
+        del g.node[:]
+        g.node.extend(keep)
+        for sub in _all_graphs(g):
+            for node in sub.node:
+                for i, x in enumerate(node.input):
+                    if x in mapping:
+                        node.input[i] = mapping[x]
+    return dropped
+
+
 def share_external_data(models: dict[str, object], folder: Path, min_bytes: int = 64, shared: bool = True) -> dict:
     """Move every initializer of ``min_bytes`` or more into external data, once per name and file.
 
@@ -422,7 +500,7 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
     import onnx
     from onnx import numpy_helper
 
-    from dqtool.model.packed import PackedEmbedding, PackedLinear
+    from dqtool.model.packed import PackedEmbedding, PackedLinear, PackedPositionEmbedding
 
     weights = []
     for name, mod in packed_model.named_modules():
@@ -431,6 +509,9 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
         elif isinstance(mod, PackedEmbedding):
             ids = torch.arange(mod.num_embeddings)
             weights.append((name, (mod(ids) / mod.embed_scale).detach().numpy()))
+        elif isinstance(mod, PackedPositionEmbedding):
+            codes = unpack_codes(mod.qweight, mod.spec.bits, mod.embedding_dim)
+            weights.append((name, (codes.to(mod.scale.dtype) * mod.scale.unsqueeze(-1)).detach().numpy()))
     found = []
     for fname, m in models.items():
         for g in _all_graphs(m.graph):
@@ -443,6 +524,21 @@ def float_copies(models: dict[str, object], folder: Path, packed_model) -> list[
                         if arr.shape == cand.shape and np.allclose(arr, cand, atol=1e-6):
                             found.append(f"{fname}:{init.name} == {name}")
     return found
+
+
+def _base3_tables(packed_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """``({NAME.qweight: base-3 bytes}, layout)`` of the tables a packed folder stores in base 3."""
+    from safetensors import safe_open
+
+    from dqtool.formats.packed import LAYOUT_FILE, PACKED_FILE
+
+    layout = json.loads((packed_dir / LAYOUT_FILE).read_text())["layout"]
+    keys = [f"{n}.qweight" for n, e in layout.items() if e.get("storage") == "base3"]
+    out = {}
+    if keys:
+        with safe_open(str(packed_dir / PACKED_FILE), "pt") as f:
+            out = {k: f.get_tensor(k) for k in keys}
+    return out, layout
 
 
 # --------------------------------------------------------------------------- validation
@@ -556,11 +652,14 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
                                    do_validation=False, do_constant_folding=False)
         names = canonical_names(model)
         encoder_root = spec_for(model.config).encoder.layers_path.rsplit(".", 1)[0]
-        models = {}
+        base3, disk_layout = _base3_tables(src)
+        models, stored_base3 = {}, set()
         for fname in (ENCODER_FILE, DECODER_FILE):
             m = onnx.load(str(raw / fname))
             rename_initializers(m, names, encoder_root if fname == ENCODER_FILE else "")
+            stored_base3.update(store_base3(m, base3, disk_layout))
             compact_names(m)
+            dedupe_constants(m)
             models[fname] = m
         gdir = tmp / ONNX_SUBDIR
         gdir.mkdir()
@@ -599,6 +698,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         sizes["weights"] = shared["data_bytes"]
         sizes["graphs"] = sum((gdir / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE))
         sizes["packed_file_bytes"] = (packed_manifest.get("footprint") or {}).get("packed_file_bytes")
+        sizes["bound"] = (packed_manifest.get("footprint") or {}).get("bound")
         (tmp / EXPORT_FILE).write_text(json.dumps(
             {"wea": wea, "opset": OPSET, "plans": {k: v.__dict__ for k, v in plans.items()},
              "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "use_lut_gemm": cfg.lut_gemm}},
@@ -606,6 +706,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         write_manifest(tmp, "export", inputs={"packed": describe_source(src),
                                               "packed_manifest_files": packed_manifest.get("files")},
                        config=cfg, extra={"wea": wea, "paths": counts, "check": check, "ops": ops,
+                                          "base3_tables": sorted(stored_base3),
                                           "shared_data": shared, "sizes": sizes,
                                           "faithful": "integer path: integer codes and scales exact, float "
                                                       "rescale rounding only" if not nbits else

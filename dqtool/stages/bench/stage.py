@@ -217,6 +217,18 @@ def _param_count(model) -> int | None:
     return None
 
 
+def bit_bound_of(path: str | None) -> dict | None:
+    """The bit-count bound per tensor group (codes, scales, floats, positions) a packed or
+    ONNX folder's manifest records, or None (other models, folders from older dqtool)."""
+    if not path:
+        return None
+    try:
+        m = json.loads((Path(path) / "dqtool-manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (m.get("footprint") or {}).get("bound") or (m.get("sizes") or {}).get("bound")
+
+
 def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     """Footprint, latency and quality of one target."""
     t0 = time.perf_counter()
@@ -227,6 +239,7 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
             model.to(cfg.device)
     row: dict[str, Any] = {"name": target.name, "role": target.role, "kind": target.kind, "path": target.path,
                            "notes": target.notes, "bytes": _bytes(target.files), "params": _param_count(model),
+                           "bit_bound": bit_bound_of(target.path),
                            "load_seconds": round(time.perf_counter() - t0, 2)}
     kernels = onnx_kernels(target.files)
     if kernels:
@@ -377,6 +390,15 @@ def markdown(report: dict) -> str:
                 ops = ", ".join(f"{o} x{n}" for o, n in k["ops"].items())
                 nb = ", ".join(f"{o} x{n}" for o, n in k["matmulnbits"].items())
                 lines.append(f"| {r['name']} | {g} | {ops} | {nb} | {'on' if r['kernels']['lut_gemm'] else 'off'} |")
+    bound_rows = [r for r in report["rows"] if r.get("bit_bound")]
+    if bound_rows:
+        lines += ["", "## Where the bytes go (bit-count bound per tensor group, bytes)", "",
+                  "| model | on disk | bound | codes | scales | floats | positions |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in bound_rows:
+            bb = r["bit_bound"]
+            lines.append(f"| {r['name']} | {r['bytes']['total']:,} | {bb['total']:,} | {bb.get('codes', 0):,} | "
+                         f"{bb.get('scales', 0):,} | {bb.get('floats', 0):,} | {bb.get('positions', 0):,} |")
     for d in (r for r in report["rows"] if r["role"] == "dqtool" and r.get("vs")):
         lines += ["", f"## {d['name']} against each other model", "",
                   "| other | its size / dqtool's | decode speed-up | generate speed-up | ROUGE-L delta |",
