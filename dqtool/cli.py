@@ -289,7 +289,7 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
 @click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
-@click.option("--external-data", type=click.Choice(["per-graph", "shared"]), default="per-graph", show_default=True,
+@click.option("--external-data", type=click.Choice(["per-graph", "shared"]), default="shared", show_default=True,
               help="per-graph = onnx/<graph>.onnx_data, what transformers.js loads in Node and browsers (the tied "
                    "embedding stored twice); shared = one onnx/weights.onnx_data (stored once; onnxruntime, optimum, "
                    "dqtool and transformers.js in Node load it).")

@@ -13,6 +13,7 @@ import torch
 from dqtool.formats.packed import load_packed
 from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.base.errors import DQToolError
+from dqtool.formats.onnx import graph_folder
 from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 from dqtool.formats.manifest import write_manifest
 from dqtool.formats.qat import save_qat
@@ -150,7 +151,7 @@ QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Mat
 
 
 def _decoder_nodes(folder: Path):
-    m = onnx.load(str(folder / DECODER_FILE), load_external_data=False)
+    m = onnx.load(str(graph_folder(folder) / DECODER_FILE), load_external_data=False)
     return [n for g in _all_graphs(m.graph) for n in g.node]
 
 

@@ -188,11 +188,12 @@ def test_auto_float_dtype_records_its_check(tmp_path):
     qat_dir = make_qat(tmp_path / "qat", "bart", "4-none-8-tensor")
     r = convert(qat_dir, tmp_path / "packed", ConvertConfig(check_samples=2, check_length=6))
     m = verify_folder(tmp_path / "packed", "convert")
-    assert r.float_dtype in ("float16", "float32") and m["float_dtype"] == r.float_dtype
+    assert r.float_dtype in ("float16", "float32", "mixed") and m["float_dtype"] == r.float_dtype
     fp16 = m["checks_tried"]["float16"]
     assert (r.float_dtype == "float16") == (fp16["tokens_equal"] and fp16["rel"] <= 1e-3)
     with safe_open(str(tmp_path / "packed" / PACKED_FILE), "pt") as f:
-        assert f.get_tensor("model.encoder.layernorm_embedding.weight").dtype == getattr(torch, r.float_dtype)
+        norms = r.float_dtypes["norms"] if r.float_dtype == "mixed" else r.float_dtype  # per group when mixed
+        assert f.get_tensor("model.encoder.layernorm_embedding.weight").dtype == getattr(torch, norms)
         assert f.get_tensor("model.encoder.layers.0.fc1.scale").dtype == torch.float32  # grids keep their dtype
     # A forced float16 stays within a loose tolerance of the QAT model (stated in the manifest).
     r16 = convert(qat_dir, tmp_path / "p16", ConvertConfig(float_dtype="float16", check_samples=2, check_length=6))

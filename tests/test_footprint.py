@@ -150,7 +150,7 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
     import onnxruntime as ort
 
     from dqtool.runtimes.ort import load_onnx
-    from dqtool.formats.onnx import graph_folder
+    from dqtool.formats.onnx import DATA_FILE, graph_folder
     from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 
     q = _qat(tmp_path / "qat", "bart", "2-2-8", "e")
@@ -185,7 +185,7 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
         assert "BitwiseOr" not in ops, fname
         used = {x for g in _all_graphs(opt.graph) for n in g.node for x in n.input}
         assert not any(n.endswith(".qweight") and n in used for n in m["base3_tables"]), fname
-    assert all((gdir / (f + "_data")).is_file() for f in (ENCODER_FILE, DECODER_FILE))  # <graph>.onnx_data
+    assert (gdir / DATA_FILE).is_file()  # one shared data file (the default)
     # The report reads the bound per tensor group from either folder's manifest.
     from dqtool.stages.bench.stage import bit_bound_of
 

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from dqtool.compress import recipe_from_dict
+from dqtool.formats.onnx import graph_folder
 from dqtool.formats.packed import LAYOUT_FILE, PACKED_FILE, load_packed
 from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.base.errors import DQToolError
 from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 from dqtool.formats.manifest import write_manifest
-from dqtool.qmath.pack import row_bytes
+from dqtool.qmath.pack import base3_row_bytes, row_bytes
 from dqtool.formats.qat import QSTATE_FILE, load_qat, save_qat
 from dqtool.model.qmodules import QuantLinear, prepare, quantizer_state
 from dqtool.qmath.quant import init_weight_clip
@@ -115,7 +116,9 @@ def test_packed_equals_qat_bit_for_bit(tmp_path, arch, name):
     for key, e in doc["layout"].items():
         if e["kind"] == "tied":
             continue
-        assert tensors[f"{key}.qweight"].shape == (e["shape"][0], row_bytes(e["shape"][1], e["bits"]))  # true bits
+        nbytes = base3_row_bytes(e["shape"][1]) if e.get("storage") == "base3" else row_bytes(e["shape"][1], e["bits"])
+        assert tensors[f"{key}.qweight"].shape == (e["shape"][0], nbytes)  # true bits (ternary codes: base 3)
+        assert e.get("storage", "2bit") == ("base3" if e["bits"] == 2 and e["method"] != "seq" else "2bit")
         if e["method"] == "seq":
             assert e["codes"] == "odd" and e["zero_point"] == 1.5
     # the packed folder keeps no learned weight range (the scales hold them)
@@ -146,7 +149,7 @@ def test_pact_activations_and_learned_weights_together(tmp_path):
 def _ops(folder: Path) -> dict[str, list]:
     out = {}
     for f in (ENCODER_FILE, DECODER_FILE):
-        m = onnx.load(str(folder / f), load_external_data=False)
+        m = onnx.load(str(graph_folder(folder) / f), load_external_data=False)
         for g in _all_graphs(m.graph):
             for n in g.node:
                 out.setdefault(n.op_type, []).append(n)
@@ -217,15 +220,15 @@ def test_seq_nbits_weights_are_the_trained_ones_bit_for_bit(tmp_path):
 
 def test_recipe_weight_method_per_bit_width():
     base = {"teacher": "t", "data": "d", "work": "w", "schemes": ["2-2-8", "8-8-8"]}
-    r = recipe_from_dict({**base, "qat": {"weight_method": {2: "seq"}}})
+    r = recipe_from_dict({**base, "qat": {"weight_method": {2: "seq"}}}, check_paths=False)
     assert r.qats["2-2-8"].scheme.weight_spec().method == "seq"
     assert r.qats["8-8-8"].scheme.weight_spec().method == "minmax"
-    r = recipe_from_dict({**base, "qat": {"weight_method": "lsq"}})
+    r = recipe_from_dict({**base, "qat": {"weight_method": "lsq"}}, check_paths=False)
     assert {q.scheme.weight_spec().method for q in r.qats.values()} == {"lsq"}
     with pytest.raises(DQToolError, match="method 'seq' needs bits 2, 3 or 4"):
-        recipe_from_dict({**base, "qat": {"weight_method": "seq"}})
+        recipe_from_dict({**base, "qat": {"weight_method": "seq"}}, check_paths=False)
     with pytest.raises(DQToolError, match="weight_method"):
-        recipe_from_dict({**base, "qat": {"weight_method": ["seq"]}})
+        recipe_from_dict({**base, "qat": {"weight_method": ["seq"]}}, check_paths=False)
 
 
 def test_scheme_round_trips_weight_method():

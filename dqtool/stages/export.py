@@ -95,7 +95,7 @@ class ExportConfig:
     seed: int = 0
     # per-graph: <graph>.onnx_data, what transformers.js fetches (Node and browsers); the
     # tied embedding is stored in both files. shared: one weights.onnx_data, stored once.
-    external_data: str = "per-graph"
+    external_data: str = "shared"
 
     def __post_init__(self):
         if self.matmul not in MATMUL_CHOICES:
