@@ -38,6 +38,7 @@ import torch
 
 from dqtool.errors import DQToolError
 from dqtool.manifest import atomic_output, check_output, read_manifest, verify_folder, write_manifest
+from dqtool.weight_cache import WeightCache, set_weight_cache
 
 PACKED_FILE = "packed.safetensors"
 LAYOUT_FILE = "packing.json"
@@ -63,6 +64,7 @@ class ConvertConfig:
     tolerance: float = 1e-3         # auto: largest max|dlogit| / max|logit| accepted for float16
     check_samples: int = 8          # random check inputs (token ids) for the float-dtype check
     check_length: int = 24          # source tokens per check input; greedy decodes as many
+    weight_cache: str = "model"     # how the check's models keep their (de/fake-)quantized weights
     teacher: str | None = None      # fp32 teacher for the ratio (default: the one the QAT manifest names)
     seed: int = 0
 
@@ -74,6 +76,7 @@ class ConvertConfig:
             raise DQToolError(f"--tolerance must be > 0, got {self.tolerance}")
         if self.check_samples < 1 or self.check_length < 2:
             raise DQToolError("--check-samples must be >= 1 and --check-length >= 2")
+        WeightCache(self.weight_cache)  # validates the mode
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,16 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
     from dqtool.packed import build_packed_model
 
     ids = _check_inputs(qat_model.config, cfg)
+    # Both sides keep their quantized weights between forwards (cfg.weight_cache "model"):
+    # the same tensors the forward would compute, so the check's verdict is unchanged, and
+    # at BART-base shape it takes seconds instead of minutes.
+    set_weight_cache(qat_model, cfg.weight_cache)
     candidates = ["float16", "float32"] if cfg.float_dtype == "auto" else [cfg.float_dtype]
     tried = {}
     for name in candidates:
         stored = {k: v.to(FLOAT_DTYPES[name]) for k, v in floats.items()}
         model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
+        set_weight_cache(model, cfg.weight_cache)
         model.generation_config = copy.deepcopy(qat_model.generation_config)
         check = compare(qat_model, model, ids, cfg.check_length)
         tried[name] = check
@@ -165,7 +173,9 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
             raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                               f"with float32 floats; this is a dqtool bug: please report it")
         ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
+        del model
         if ok or cfg.float_dtype != "auto":
+            set_weight_cache(qat_model, "none")  # frees the QAT side's kept weights
             return name, stored, check, tried
     raise AssertionError(f"float32 always passes: {tried}")
 
@@ -248,12 +258,25 @@ def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Convert
     return ConvertResult(out, scheme.wea, fdtype, footprint, check)
 
 
-def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                cache: str = "model"):
     """``(model, tokenizer_or_None)`` of a packed folder, computing from the packed integers.
 
     Every file is checked against the manifest's hash first, so a truncated or edited
     folder is a one-line error, not garbage output. ``dtype`` is the compute dtype of
     floats and scales (float32 reproduces the QAT model bit for bit).
+
+    ``cache`` says how long dequantized weights are kept (:mod:`dqtool.weight_cache`);
+    the logits are bit for bit the same in every mode:
+
+    * ``"model"`` (default): dequantized once, on first use, and kept: generation as
+      fast as the float model, memory of the float model (4 bytes per quantized weight
+      in float32) on top of the packed codes;
+    * ``"generate"``: kept during each ``generate`` call, freed after it: the float
+      copy exists only while generating, each call pays one dequantization (about one
+      uncached forward);
+    * ``"none"``: dequantized on every forward (least memory, slowest: at BART-base
+      shape seconds per token on a CPU).
 
     Example (needs a real folder, so not run as a doctest)::
         model, tok = load_packed("runs/packed-2-2-8", device="cuda")
@@ -266,6 +289,7 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     from dqtool.packed import build_packed_model
     from dqtool.scheme import QuantScheme
 
+    WeightCache(cache)  # an unknown mode is an error before any work
     p = Path(folder)
     if not is_packed_folder(p):
         raise DQToolError(f"{p} has no {LAYOUT_FILE}: pass a folder written by 'dqtool convert'")
@@ -293,4 +317,6 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception:
         tok = None
-    return model.to(device), tok
+    model = model.to(device)
+    set_weight_cache(model, cache)
+    return model, tok

@@ -161,8 +161,11 @@ def _is_qat(p: Path) -> bool:
 
 def _load_qat(source: str):
     from dqtool.qat import load_qat
+    from dqtool.weight_cache import set_weight_cache
 
-    return load_qat(source)
+    model, tok = load_qat(source)
+    set_weight_cache(model, "model")  # fake-quantize each weight once, not on every forward
+    return model, tok
 
 
 def _load_hf(source: str):

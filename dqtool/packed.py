@@ -19,6 +19,10 @@ Numerics: :class:`PackedLinear` unpacks its codes and calls the very
 :func:`dqtool.quant.dequantize` that fake quantization uses, with the stored scale, and
 keeps the QAT activation quantizers; the packed model therefore reproduces the QAT
 model's logits bit for bit when floats are kept in float32.
+
+Speed: the dequantized weight can be kept between forwards (once per model, per
+``generate`` call, or never) by :func:`dqtool.weight_cache.set_weight_cache`; a kept
+weight is the very tensor the forward would compute, so the logits do not change.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dqtool.qmodules import QuantEmbedding, QuantLinear, prepare, quantizer_stat
 from dqtool.quant import QuantSpec, dequantize, quantize_weight
 from dqtool.registry import ArchSpec, get_module, spec_for
 from dqtool.scheme import QuantScheme
+from dqtool.weight_cache import cached, drop_entry
 
 
 def _scale_view(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -90,11 +95,25 @@ class PackedLinear(nn.Module):
         """The input's activation quantization spec (None: the input stays float)."""
         return getattr(self.act, "spec", None)
 
+    weight_cacheable = True  # see dqtool.weight_cache
+
     def weight(self) -> torch.Tensor:
-        """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit)."""
-        src = self.tied_to if self.tied_to is not None else self
-        codes = unpack_codes(src.qweight, self.spec.bits, self.in_features)       # [out, in] int8
-        return dequantize(codes, _scale_view(src.scale, self.spec), self.spec)
+        """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit).
+
+        Kept between calls when the model's weight cache allows (a tied lm_head shares
+        the embedding's kept table).
+        """
+        if self.tied_to is not None:
+            return self.tied_to.table()
+        return cached(self, (self.qweight, self.scale), self._dequantize)
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_codes(self.qweight, self.spec.bits, self.in_features)       # [out, in] int8
+        return dequantize(codes, _scale_view(self.scale, self.spec), self.spec)
+
+    def _apply(self, fn, recurse=True):
+        drop_entry(self)  # moved or cast buffers: the kept weight is recomputed from them
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         if self.onnx_plan is not None:
@@ -126,9 +145,24 @@ class PackedEmbedding(nn.Module):
         self.register_buffer("scale", scale)       # [V]
         self.embed_scale = embed_scale
 
+    weight_cacheable = True  # see dqtool.weight_cache
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
         codes = unpack_codes(self.qweight[ids], self.spec.bits, self.embedding_dim)  # [B, T, d]
         return (codes.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)) * self.embed_scale
+
+    def table(self) -> torch.Tensor:
+        """The whole dequantized table ``[V, d]`` (without ``embed_scale``): what a tied
+        lm_head multiplies by; kept between calls when the weight cache allows."""
+        return cached(self, (self.qweight, self.scale), self._dequantize)
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_codes(self.qweight, self.spec.bits, self.embedding_dim)      # [V, d] int8
+        return dequantize(codes, _scale_view(self.scale, self.spec), self.spec)
+
+    def _apply(self, fn, recurse=True):
+        drop_entry(self)
+        return super()._apply(fn, recurse)
 
 
 # --------------------------------------------------------------------------- QAT -> packed

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dqtool.quant import QuantSpec, fake_quant
 from dqtool.registry import ArchSpec, get_module, linears, spec_for
 from dqtool.scheme import QuantScheme
+from dqtool.weight_cache import cached
 
 ATTN_IMPL = "dqtool_qat"
 
@@ -85,9 +86,14 @@ class QuantLinear(nn.Module):
         self.wspec = wspec
         self.act = _ActQuant(aspec, learned_clip)
 
+    weight_cacheable = True  # inference only: see dqtool.weight_cache (never while the weight needs a gradient)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (fake-quantized): [out, in]."""
-        return self.weight if self.wspec is None else fake_quant(self.weight, self.wspec)
+        if self.wspec is None:
+            return self.weight
+        return cached(self, (self.weight,), lambda: fake_quant(self.weight, self.wspec),
+                      slot=("fake_quant", id(self.weight), self.wspec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
@@ -110,8 +116,12 @@ class QuantEmbedding(nn.Module):
         # BartScaledWordEmbedding multiplies by sqrt(d_model) when config.scale_embedding.
         self.embed_scale = getattr(emb, "embed_scale", 1.0)
 
+    weight_cacheable = True  # as QuantLinear; a tied lm_head and the aliases share one entry
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
-        table = self.weight if self.espec is None else fake_quant(self.weight, self.espec)
+        table = self.weight if self.espec is None else cached(
+            self, (self.weight,), lambda: fake_quant(self.weight, self.espec),
+            slot=("fake_quant", id(self.weight), self.espec))
         return F.embedding(ids, table, self.padding_idx) * self.embed_scale
 
 
