@@ -125,6 +125,27 @@ class QuantEmbedding(nn.Module):
         return F.embedding(ids, table, self.padding_idx) * self.embed_scale
 
 
+def _act_kept(module, act: nn.Module, t: torch.Tensor, role: str) -> torch.Tensor:
+    """``act(t)``, reused while ``t`` is the same tensor at the same version (inference only).
+
+    Generation hands cross-attention the same cached key/value tensors at every step;
+    their quantized values are then computed once per ``generate`` call instead of once
+    per token (self-attention's cache grows, so it is a new tensor each step and simply
+    recomputed). Holds the last key/value of each attention module and their results.
+    """
+    clip = getattr(act, "clip", None)
+    if t.is_inference() or (torch.is_grad_enabled() and (t.requires_grad or (clip is not None and clip.requires_grad))):
+        return act(t)  # training, or a tensor without a version counter (inference mode: in place edits unseen)
+    key = (t._version, None if clip is None else (id(clip), clip._version))
+    kept = module.__dict__.setdefault("_dqtool_act_kept", {})
+    hit = kept.get(role)
+    if hit is not None and hit[0] is t and hit[1] == key:
+        return hit[2]
+    out = act(t)
+    kept[role] = (t, key, out)
+    return out
+
+
 def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs):
     """BART-family eager attention with the matmul inputs fake-quantized.
 
@@ -136,7 +157,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if act is not None:
-        query, key = act(query), act(key)
+        query, key = act(query), _act_kept(module, act, key, "key")
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -144,7 +165,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if head_mask is not None:
         probs = probs * head_mask.view(1, -1, 1, 1)
     probs = F.dropout(probs, p=dropout, training=module.training)
-    probs_q, value = (act(probs), act(value)) if act is not None else (probs, value)
+    probs_q, value = (act(probs), _act_kept(module, act, value, "value")) if act is not None else (probs, value)
     out = torch.matmul(probs_q, value).transpose(1, 2).contiguous()
     return out, probs
 

@@ -132,7 +132,8 @@ def cached(module: nn.Module, sources: tuple[torch.Tensor, ...], compute: Callab
     """
     ctl = module.__dict__.get(_CTL)
     if ctl is None or not ctl.active or _exporting() \
-            or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)):
+            or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)) \
+            or any(s.is_inference() for s in sources):   # no version counter to see in-place edits
         return compute()
     slot = id(module) if slot is None else slot
     entry = ctl._entries.get(slot)
