@@ -33,7 +33,7 @@ Example:
     >>> e = estimate(cfg, student_params=124_000_000, quantized_params=124_000_000, trainable_params=124_000_000,
     ...              teacher_params=140_000_000, batch=4, source_len=256, target_len=64)
     >>> round(e.total / 2**30, 1), e.parts["teacher"] == 140_000_000 * 4
-    (4.6, True)
+    (4.7, True)
 """
 
 from __future__ import annotations
