@@ -126,7 +126,7 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
     out["packed, cache=model"]["kept_mib"] = round(model.dqtool_weight_cache.nbytes() / 2**20)
     del model
     model, _ = load_packed(packed, cache="none")
-    out["packed, cache=none (before)"] = per_token(model, 1, 4)
+    out["packed, cache=none"] = per_token(model, 1, 4)
     return out
 
 
@@ -141,7 +141,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-before", action="store_true", help="skip convert --weight-cache none at BART-base")
     ap.add_argument("--before-timeout", type=float, default=900)
+    ap.add_argument("--before-code", type=Path, default=None,
+                    help="folder holding the dqtool package before the weight cache, for the 'before' convert "
+                         "(default: this code with --weight-cache none)")
     ap.add_argument("--no-export", default="", help="shapes to stop after convert (comma-separated)")
+    ap.add_argument("--stages-only", default="", help="shapes to run only distill, qat and convert for")
+    ap.add_argument("--keep-other-shapes", action="store_true", help="keep other shapes' rows of an earlier report")
     ap.add_argument("--bench", action="store_true", help="also dqtool bench at BART-base with one peer")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stages_real_sizes")
     ap.add_argument("--gen-speed", nargs=2, metavar=("PACKED", "STUDENT"), help=argparse.SUPPRESS)
@@ -160,6 +165,9 @@ def main() -> None:
               "student": args.student, "wea": args.wea, "qat_steps": args.qat_steps, "qat_batch": args.qat_batch,
               "shapes": {}}
     t_all = time.perf_counter()
+    previous = args.out.with_suffix(".json")
+    if args.keep_other_shapes and previous.is_file():   # runs of other shapes stay in the report
+        report["shapes"] = json.loads(previous.read_text()).get("shapes", {})
     for shape in [s for s in args.shapes.split(",") if s]:
         kind, cfg = SHAPES[shape]
         w = args.work / shape
@@ -184,9 +192,18 @@ def main() -> None:
         rows[-1]["estimated_peak_gib"] = float(est.group(1)) if est else None
         rows.append(run_stage("convert", cli + ["convert", str(qat_dir), str(packed), "--force"], logs, 900, env))
         if shape == "bart-base" and not args.no_before:
-            rows.append(run_stage("convert (before)", cli + ["convert", str(qat_dir), str(packed0), "--force",
-                                                             "--weight-cache", "none"], logs, args.before_timeout,
-                                  env))
+            if args.before_code:   # the code before this change (e.g. `git archive main dqtool`)
+                before = run_stage("convert (before)", cli + ["convert", str(qat_dir), str(packed0), "--force"],
+                                   logs, args.before_timeout, {**env, "PYTHONPATH": str(args.before_code)})
+                before["code"] = str(args.before_code)
+            else:          # this code with the weight cache off
+                before = run_stage("convert (before)", cli + ["convert", str(qat_dir), str(packed0), "--force",
+                                                              "--weight-cache", "none"], logs, args.before_timeout,
+                                   env)
+            rows.append(before)
+        if shape in {s for s in args.stages_only.split(",") if s}:
+            report["shapes"][shape] = {"config": cfg, "stages": rows, "note": "distill, qat and convert only"}
+            continue
         rows.append(run_stage("eval packed", cli + ["eval", str(packed), "--data", str(DATA), "--max-samples", "8",
                                                     "--max-length", "16", "--batch-size", "8"], logs, 600, env))
         if shape == "bart-base":
@@ -205,7 +222,8 @@ def main() -> None:
                     str(student), "--peers", "ort-int8-dynamic", "--runs", "3", "--new-tokens", "16", "--no-plots",
                     "--force"], logs, 900, env))
         report["shapes"][shape] = {"config": cfg, "stages": rows}
-    report["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    report["total_seconds"] = round(time.perf_counter() - t_all, 1) + (
+        json.loads(previous.read_text()).get("total_seconds", 0) if args.keep_other_shapes and previous.is_file() else 0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(report) + "\n")
@@ -225,6 +243,8 @@ def render(report: dict) -> str:
             note = []
             if r.get("estimated_peak_gib") is not None:
                 note.append(f"qat's printed estimate {r['estimated_peak_gib']:.2f} GiB")
+            if r.get("code"):
+                note.append("the code before the weight cache (main)")
             if r["rc"] != 0:
                 note.append("killed at the time limit" if r["timed_out"] else f"FAILED rc {r['rc']}")
             if r.get("result"):
