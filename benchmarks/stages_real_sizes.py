@@ -150,7 +150,12 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="also dqtool bench at BART-base with one peer")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stages_real_sizes")
     ap.add_argument("--gen-speed", nargs=2, metavar=("PACKED", "STUDENT"), help=argparse.SUPPRESS)
+    ap.add_argument("--convert-ab", type=int, default=0, metavar="N",
+                    help="only: convert the existing BART-base QAT folder N times with this code and with "
+                         "--before-code, alternating (contention hits both alike); adds the rows to the report")
     args = ap.parse_args()
+    if args.convert_ab:
+        return convert_ab(args)
     if args.gen_speed:
         print(json.dumps(gen_speed(*args.gen_speed, new_tokens=32, source_tokens=64, runs=3, threads=args.threads)))
         return
@@ -230,6 +235,25 @@ def main() -> None:
     print(render(report))
 
 
+def convert_ab(args) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    w = args.work / "bart-base"
+    logs = w / "logs"
+    cli = [sys.executable, "-m", "dqtool.cli", "convert", str(w / "qat"), str(w / "packed-ab"), "--force"]
+    rows = []
+    for i in range(args.convert_ab):
+        rows.append({**run_stage(f"convert A/B {i} after", cli, logs, 900, env), "code": None})
+        rows.append({**run_stage(f"convert A/B {i} before", cli, logs, 900, {**env, "PYTHONPATH": str(args.before_code)}),
+                     "code": str(args.before_code)})
+    path = args.out.with_suffix(".json")
+    report = json.loads(path.read_text())
+    report["shapes"]["bart-base"]["convert_ab"] = rows
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(report) + "\n")
+    print(render(report))
+
+
 def render(report: dict) -> str:
     m = report["machine"]
     lines = ["# Every stage at real model shapes (random weights)", "",
@@ -252,6 +276,15 @@ def render(report: dict) -> str:
                 note.append("; ".join(f"{k}: {v['ms_per_token']} ms/token" if isinstance(v, dict) else f"{k} {v}"
                                       for k, v in res.items()))
             lines.append(f"| {shape} | {r['stage']} | {r['seconds']:.1f} | {r['peak_rss_mib']} | {'; '.join(note)} |")
+    for shape, d in report["shapes"].items():
+        ab = d.get("convert_ab")
+        if ab:
+            after = [r["seconds"] for r in ab if not r.get("code")]
+            before = [r["seconds"] for r in ab if r.get("code")]
+            lines += ["", f"convert at {shape}, alternating this code and main's (same QAT folder, back to back, so "
+                      f"contention hits both alike): after {', '.join(f'{x:.1f}' for x in after)} s, before "
+                      f"{', '.join(f'{x:.1f}' for x in before)} s; best {min(after):.1f} s vs {min(before):.1f} s "
+                      f"({min(before) / min(after):.1f}x)."]
     lines += ["", f"Total wall time {report['total_seconds']:.0f} s."]
     return "\n".join(lines)
 

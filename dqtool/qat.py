@@ -325,10 +325,11 @@ def teacher_dtype(cfg: QATConfig) -> torch.dtype:
 
 
 def _unique_numel(params) -> int:
+    # By object: tied weights share one Parameter (data pointers are all 0 on the meta device).
     seen, n = set(), 0
     for p in params:
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+        if id(p) not in seen:
+            seen.add(id(p))
             n += p.numel()
     return n
 
