@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dqtool.convert import ConvertConfig, convert
-from dqtool.data import DataConfig
-from dqtool.evaluate import EvalConfig, evaluate_model
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.data.pairs import DataConfig
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"

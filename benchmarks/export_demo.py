@@ -20,9 +20,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from dqtool.data import DataConfig
-from dqtool.evaluate import EvalConfig, evaluate_model
-from dqtool.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
+from dqtool.data.pairs import DataConfig
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
+from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"

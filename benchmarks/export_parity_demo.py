@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
-from dqtool.convert import ConvertConfig, convert
-from dqtool.data import DataConfig
-from dqtool.evaluate import EvalConfig, evaluate_model
-from dqtool.export import ExportConfig, export
-from dqtool.losses import LossConfig
-from dqtool.qat import QATConfig, qat
-from dqtool.scheme import QuantScheme
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.data.pairs import DataConfig
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
+from dqtool.stages.export import ExportConfig, export
+from dqtool.model.losses import LossConfig
+from dqtool.stages.qat import QATConfig, qat
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"
@@ -81,7 +81,7 @@ def main() -> None:
 
     rows = []
     # The floor: a float model and its optimum fp32 ONNX export.
-    from dqtool.peers import _ort_fp32_folder
+    from dqtool.stages.bench.peers import _ort_fp32_folder
 
     fp32 = _ort_fp32_folder(args.teacher, work, "teacher-", print)
     rows.append(compare("teacher, float (PyTorch vs optimum fp32 ONNX)", args.teacher, fp32,

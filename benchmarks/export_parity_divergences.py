@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dqtool.convert import load_packed
-from dqtool.evaluate import EvalConfig
-from dqtool.ort_runtime import load_onnx
+from dqtool.formats.packed import load_packed
+from dqtool.stages.evaluate import EvalConfig
+from dqtool.runtimes.ort import load_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"

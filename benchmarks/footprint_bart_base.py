@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import BartConfig, BartForConditionalGeneration
 
-from dqtool.convert import bit_bound
-from dqtool.packed import pack_model
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.stages.convert import bit_bound
+from dqtool.model.packed import pack_model
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dqtool.data import DataConfig
-from dqtool.distill import DistillConfig, distill
-from dqtool.evaluate import EvalConfig, evaluate_model
-from dqtool.losses import LossConfig
-from dqtool.qat import QATConfig, qat
-from dqtool.scheme import QuantScheme
+from dqtool.data.pairs import DataConfig
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
+from dqtool.model.losses import LossConfig
+from dqtool.stages.qat import QATConfig, qat
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from dqtool.data import DataConfig
-from dqtool.evaluate import EvalConfig, evaluate_model
-from dqtool.qat import QATConfig
+from dqtool.data.pairs import DataConfig
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
+from dqtool.stages.qat import QATConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"

@@ -6,7 +6,7 @@ loaded) of a 6-3 student of a random-weight BART-base teacher, sources of 1024 t
 targets of 64, batch 1 and 2, and batch 2 with ``--gradient-checkpointing``; each run is
 its own process and its peak RSS is read with ``os.wait4``. The estimate ``dqtool qat``
 printed before training is recorded beside it. Computed rows call
-:func:`dqtool.memory.estimate` with parameter counts of models built on the meta device.
+:func:`dqtool.model.memory.estimate` with parameter counts of models built on the meta device.
 
 Writes ``benchmarks/results/qat_memory.{json,md}``. Usage (heavy: run alone)::
 
@@ -51,9 +51,9 @@ def computed(shape_cfg: dict, student: tuple[int, int], batch: int, src: int, tg
     import torch
     from transformers import AutoModelForSeq2SeqLM, BartConfig
 
-    from dqtool.memory import estimate
-    from dqtool.qat import _unique_numel
-    from dqtool.registry import linears, spec_for
+    from dqtool.model.memory import estimate
+    from dqtool.stages.qat import _unique_numel
+    from dqtool.model.registry import linears, spec_for
 
     tcfg = BartConfig(**shape_cfg)
     scfg = BartConfig(**{**shape_cfg, "encoder_layers": student[0], "decoder_layers": student[1]})
@@ -122,7 +122,7 @@ def main() -> None:
     lines = ["# Peak memory of dqtool qat (2-2-8, task + logits KL, teacher loaded)", "",
              f"Sources of {args.source_tokens} tokens, targets of {args.target_tokens}. **Measured**: peak RSS of one "
              "training step on this CPU (2 cores, float32), one process per run, beside the estimate `dqtool qat` "
-             "printed before training. **Computed**: `dqtool.memory.estimate` only (no run).", "",
+             "printed before training. **Computed**: `dqtool.model.memory.estimate` only (no run).", "",
              "| model | device | batch | grad. checkpointing | measured peak RSS GiB | estimate GiB | source |",
              "|---|---|---:|---|---:|---:|---|"]
     for r in measured:

@@ -5,7 +5,7 @@ layers, FFN 3072, vocab 50265) is built from its config with random weights, sav
 then everything goes through the real code: ``dqtool distill`` (6+6 -> E+D), a QAT folder
 written without training (prepare + save: the packed/exported graph is the same as after
 training), ``dqtool convert``, ``dqtool export``, and ``dqtool bench``'s latency measurement
-with the peers built by ``dqtool.peers`` from the same teacher. Quality is not measured
+with the peers built by ``dqtool.stages.bench.peers`` from the same teacher. Quality is not measured
 (random weights). Writes ``benchmarks/results/speed_bart_base.{json,md}``.
 
 Usage::
@@ -22,16 +22,17 @@ from pathlib import Path
 import torch
 from transformers import BartConfig, BartForConditionalGeneration
 
-from dqtool.bench import BenchConfig, folder_target, machine, measure
-from dqtool.convert import ConvertConfig, convert
-from dqtool.distill import DistillConfig, distill
-from dqtool.export import ExportConfig, export
-from dqtool.loading import load_seq2seq
-from dqtool.manifest import write_manifest
-from dqtool.peers import build_peers
-from dqtool.qat import _save_qat
-from dqtool.qmodules import prepare
-from dqtool.scheme import QuantScheme
+from dqtool.stages.bench.stage import BenchConfig, machine, measure
+from dqtool.stages.bench.target import folder_target
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.stages.export import ExportConfig, export
+from dqtool.formats.hf import load_seq2seq
+from dqtool.formats.manifest import write_manifest
+from dqtool.stages.bench.peers import build_peers
+from dqtool.formats.qat import save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
@@ -44,8 +45,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/speed_bart_base"))
     ap.add_argument("--student", default="6-3")
     ap.add_argument("--wea", default="2-2-8")
-    ap.add_argument("--act-granularity", default="token", choices=["token", "tensor"],
-                    help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix)")
+    ap.add_argument("--act-granularity", default="token", choices=["token", "tensor", "block"],
+                    help="activation ranges of the dqtool student (folders of 'tensor' runs have no suffix); "
+                         "block: MatMulNBits' own input quantizer (symmetric, every Linear MatMulNBits)")
+    ap.add_argument("--lut-gemm", action="store_true", help="export with onnxruntime's LUT kernel for 2-bit Linears")
     ap.add_argument("--act-symmetric", action="store_true", help="symmetric activation codes (default asymmetric)")
     ap.add_argument("--also", type=Path, nargs="*", default=[],
                     help="more dqtool ONNX folders to measure in the same run (e.g. the other granularity)")
@@ -72,23 +75,25 @@ def main() -> None:
     student = w / f"student-{enc}-{dec}"
     if not student.exists():
         distill(teacher, student, DistillConfig(encoder_layers=enc, decoder_layers=dec))
+    if args.act_granularity == "block":
+        args.act_symmetric = True          # MatMulNBits' int8 input quantizer is symmetric
     scheme = QuantScheme.from_wea(args.wea, act_symmetric=args.act_symmetric, quantize_attention=False,
                                   act_granularity=args.act_granularity)
-    tag = f"{args.student}-{args.wea}" + ("-token" if args.act_granularity == "token" else "") \
+    tag = f"{args.student}-{args.wea}" + ({"token": "-token", "block": "-block"}.get(args.act_granularity, "")) \
         + ("-sym" if args.act_symmetric else "")
     qat_dir = w / f"qat-{tag}"
     if not qat_dir.exists():
         model, tok = load_seq2seq(student)
         prepare(model, scheme)
         qat_dir.mkdir(parents=True)
-        _save_qat(model, tok, qat_dir, scheme)
+        save_qat(model, tok, qat_dir, scheme)
         write_manifest(qat_dir, "qat", {"student": str(student)}, {"note": "untrained: latency only"})
     packed = w / f"packed-{tag}"
     if not packed.exists():
         convert(qat_dir, packed, ConvertConfig(float_dtype="float32", teacher=str(teacher), check_samples=2))
-    onnx = w / f"onnx-{tag}"
+    onnx = w / (f"onnx-{tag}" + ("-lut" if args.lut_gemm else ""))
     if not onnx.exists():
-        export(packed, onnx, ExportConfig())
+        export(packed, onnx, ExportConfig(lut_gemm=args.lut_gemm))
     cfg = BenchConfig(source_tokens=args.source_tokens, new_tokens=args.new_tokens, runs=args.runs, warmup=2,
                       threads=args.threads, teacher=str(teacher), student=str(student),
                       peers=tuple(p for p in args.peers.split(",") if p))

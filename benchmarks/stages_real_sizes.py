@@ -94,8 +94,8 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
     (weight cache "model", and "none" = the runtime before the cache, fewer runs)."""
     import torch
 
-    from dqtool.convert import load_packed
-    from dqtool.loading import load_seq2seq
+    from dqtool.formats.packed import load_packed
+    from dqtool.formats.hf import load_seq2seq
 
     torch.set_num_threads(threads)
     ids = torch.randint(4, 8000, (1, source_tokens), generator=torch.Generator().manual_seed(0))

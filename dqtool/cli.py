@@ -12,19 +12,30 @@ from pathlib import Path
 
 import click
 
-from dqtool import __version__
-from dqtool.errors import DQToolError
+from dqtool.base.version import __version__
+from dqtool.base.errors import DQToolError
 
 
 class _Group(click.Group):
-    """Click group that reports DQToolError as one line and exits 2."""
+    """Click group that reports DQToolError (and a full disk) as one line and exits 2;
+    Ctrl-C is one line (saying how to continue, where a stage knows) and exit 130."""
 
     def invoke(self, ctx):
+        from dqtool.base.fsutil import io_error, is_write_error
+
         try:
             return super().invoke(ctx)
         except DQToolError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            if not is_write_error(e):
+                raise
+            click.echo(f"error: {io_error(e)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt as e:
+            click.echo(f"interrupted{': ' + str(e) if str(e) else ''}", err=True)
+            sys.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,7 +48,7 @@ def main() -> None:
 
 
 def _map_option(value: str | None) -> tuple[int, ...] | None:
-    from dqtool.layermap import parse_map
+    from dqtool.model.layermap import parse_map
 
     return None if value is None else tuple(parse_map(value))
 
@@ -62,7 +73,7 @@ def distill(teacher, out, encoder_layers, decoder_layers, map_scheme, encoder_ma
 
     TEACHER is a Hugging Face hub id or a local folder written by save_pretrained.
     """
-    from dqtool.distill import DistillConfig, distill as run_distill
+    from dqtool.stages.distill import DistillConfig, distill as run_distill
 
     enc_map, dec_map = _map_option(encoder_map), _map_option(decoder_map)
     cfg = DistillConfig(
@@ -106,8 +117,8 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 
     MODEL is a Hugging Face model folder or hub id, a 'dqtool qat' output or a 'dqtool convert' output.
     """
-    from dqtool.data import DataConfig
-    from dqtool.evaluate import EvalConfig, evaluate_model
+    from dqtool.data.pairs import DataConfig
+    from dqtool.stages.evaluate import EvalConfig, evaluate_model
 
     overrides = {k: v for k, v in dict(num_beams=num_beams, max_length=max_length, min_length=min_length,
                                        length_penalty=length_penalty,
@@ -136,12 +147,21 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--weight-granularity", type=click.Choice(["tensor", "row", "group"]), default="row", show_default=True,
               help="One weight scale per tensor, per output row, or per group of input columns.")
 @click.option("--group-size", type=int, default=None, help="Input columns per scale with --weight-granularity group.")
+@click.option("--weight-method", type=click.Choice(["minmax", "ternary", "lsq", "seq", "tbt"]), default=None,
+              help="Weight quantizer (default: ternary at 2 bits, minmax otherwise): lsq = the minmax grid with a "
+                   "learned range per row (at 2 bits a ternary with a learned scale, started at 4/3 mean|w|); "
+                   "seq = ParetoQ's four balanced levels +-alpha/4, +-3alpha/4 (2 bits; 3/4 bits: 8/16 levels) with "
+                   "a learned alpha per row started at max|w|; tbt = ternary with alpha = 4/3 mean|w| per row.")
 @click.option("--act-clip", type=click.Choice(["dynamic", "pact"]), default="dynamic", show_default=True,
-              help="Activation range: per-batch max|x| (DQ-BART) or a learned PACT clip per quantizer.")
+              help="Activation range: the dynamic max|x| (per token or per tensor, see --act-granularity) or a "
+                   "learned PACT clip per quantizer.")
 @click.option("--act-asymmetric", is_flag=True, help="Asymmetric (zero-point) activation quantization.")
-@click.option("--act-granularity", type=click.Choice(["token", "tensor"]), default="token", show_default=True,
-              help="Dynamic activation range per token (a row's result never depends on its batch) or per "
-                   "tensor (DQ-BART's per-batch range).")
+@click.option("--act-granularity", type=click.Choice(["token", "tensor", "block"]), default="token", show_default=True,
+              help="Dynamic activation range per token (a row's result never depends on its batch), per "
+                   "tensor (DQ-BART's per-batch range), or per row and block of K inputs: ONNX Runtime "
+                   "MatMulNBits' own int8 input quantizer (A 8; the export then needs no quantize ops).")
+@click.option("--act-block-size", type=int, default=None,
+              help="Inputs per activation scale with --act-granularity block (default: --group-size, else 32).")
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
 @click.option("--loss-task", type=float, default=1.0, show_default=True, help="Weight of the cross-entropy task loss.")
 @click.option("--loss-logits", type=float, default=1.0, show_default=True, help="Weight of the logits distillation loss.")
@@ -185,25 +205,28 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
               help="Storage dtype of the frozen teacher: auto = bfloat16 under bf16 mixed precision (GPU), else float32.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
-def qat(student, out, data, teacher, wea, weight_granularity, group_size, act_clip, act_asymmetric,
-        act_granularity, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
+        act_granularity, act_block_size, no_attention_quant, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
 
     STUDENT is a folder from 'dqtool distill' (its layer map pairs student and teacher
     layers). Checkpoints go to OUT.partial/ until training completes.
     """
-    from dqtool.losses import LossConfig
-    from dqtool.qat import QATConfig, qat as run_qat
-    from dqtool.scheme import QuantScheme
+    from dqtool.model.losses import LossConfig
+    from dqtool.stages.qat import QATConfig, qat as run_qat
+    from dqtool.qmath.scheme import QuantScheme
 
     scheme = QuantScheme.from_wea(wea, weight_granularity=weight_granularity, weight_group_size=group_size,
-                                  act_clip=act_clip, act_symmetric=not act_asymmetric,
-                                  act_granularity=act_granularity, quantize_attention=not no_attention_quant)
+                                  weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
+                                  act_granularity=act_granularity, act_block_size=act_block_size,
+                                  quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
     cfg = QATConfig(data=data, scheme=scheme, losses=losses, **train)
     result = run_qat(student, out, cfg, teacher=teacher, force=force, resume=resume)
+    if not result.main:
+        return  # another process of a multi-process run: the main one reports
     click.echo(f"QAT student ({scheme.wea}) written to {result.out_dir}: {result.steps} steps in {result.seconds:.0f}s"
                + (f", best rougeL {result.best_metric:.2f}" if result.best_metric is not None else ""))
 
@@ -236,7 +259,7 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, weight
     Prints the footprint: the weights file, the bit-count bound of the scheme, and the
     ratio to the fp32 teacher checkpoint.
     """
-    from dqtool.convert import ConvertConfig, convert as run_convert
+    from dqtool.stages.convert import ConvertConfig, convert as run_convert
 
     cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher,
                         weight_cache=weight_cache)
@@ -260,25 +283,33 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, teacher, weight
               help="Quantized Linear op: integer = MatMulInteger on int8 activation codes (bit-faithful, fast for many "
                    "rows), nbits = MatMulNBits (weight-only / group-wise schemes), auto = integer where the scheme "
                    "quantizes activations with per-row or per-tensor weight scales, else nbits.")
+@click.option("--lut-gemm", is_flag=True, default=False,
+              help="Run eligible 2-bit MatMulNBits with onnxruntime's lookup-table (T-MAC) kernel "
+                   "(session option mlas.use_lut_gemm, recorded in export.json; its own activation rounding).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
 @click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
+@click.option("--external-data", type=click.Choice(["per-graph", "shared"]), default="per-graph", show_default=True,
+              help="per-graph = onnx/<graph>.onnx_data, what transformers.js loads in Node and browsers (the tied "
+                   "embedding stored twice); shared = one onnx/weights.onnx_data (stored once; onnxruntime, optimum, "
+                   "dqtool and transformers.js in Node load it).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def export(packed, out, matmul, accuracy_level, rtol, force):
+def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
     """
-    from dqtool.export import ExportConfig, export as run_export
+    from dqtool.stages.export import ExportConfig, export as run_export
 
-    r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol),
+    r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
+                                                       lut_gemm=lut_gemm, external_data=external_data),
                    force=force)
     c, s = r.check, r.sizes
     click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "
                f"{r.paths['nbits']} as MatMulNBits")
-    click.echo(f"  weights {_kb(s.get('weights.onnx_data'))} (packed file {_kb(s.get('packed_file_bytes'))}), "
-               f"graphs {_kb(s.get('encoder_model.onnx', 0) + s.get('decoder_model_merged.onnx', 0))}, "
+    click.echo(f"  weights {_kb(s.get('weights'))} (packed file {_kb(s.get('packed_file_bytes'))}), "
+               f"graphs {_kb(s.get('graphs'))}, "
                f"folder {_kb(s['total'])}")
     click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
                f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "
@@ -322,7 +353,7 @@ def _finish_gates(results: list[dict]) -> None:
 @click.option("--max-length", type=int, default=32, show_default=True, help="Quality: generated tokens (greedy).")
 @click.option("--source-tokens", type=int, default=64, show_default=True, help="Latency: source length in tokens.")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="Latency: greedy tokens generated.")
-@click.option("--batch-sizes", default="1", show_default=True, help="Latency batch sizes, comma-separated.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Latency batch sizes, comma-separated.")
 @click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per batch size.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up runs.")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch and ONNX Runtime.")
@@ -338,7 +369,7 @@ def _finish_gates(results: list[dict]) -> None:
 def bench(models, out_dir, data, split, max_samples, max_length, source_tokens, new_tokens, batch_sizes, runs, warmup,
           threads, device, teacher, student, peers, no_plots, force, min_ratio, max_quality_drop, max_latency):
     """Footprint, latency and quality of MODELS (any folders dqtool eval takes), the teacher and peers."""
-    from dqtool.bench import BenchConfig, Gates, bench as run_bench, check_gates
+    from dqtool.stages.bench.stage import BenchConfig, Gates, bench as run_bench, check_gates
 
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())

@@ -12,6 +12,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(int(os.environ.get("DQTOOL_TEST_THREADS", "2")))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_cache(tmp_path_factory):
+    """Tests never write the user's ~/.cache/dqtool: the sha256 cache lives in the session's temp folder."""
+    os.environ["DQTOOL_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash-cache") / "sha256-cache.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: a saved tiny model folder per (arch, enc, dec), built once per session."""

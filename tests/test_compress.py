@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dqtool.bench import SCHEMA_VERSION
+from dqtool.stages.bench.stage import SCHEMA_VERSION
 from dqtool.cli import main
 from dqtool.compress import load_recipe, plan
 from tiny import write_pairs
@@ -42,14 +42,29 @@ def _recipe(root: Path, data: Path, teacher: Path, name="recipe.yaml", **over) -
     ({"tacher": "x"}, "recipe key 'recipe.tacher' is unknown: allowed keys in 'recipe' are teacher"),
     ({"qat": {"max_step": 3}}, "recipe key 'qat.max_step' is unknown"),
     ({"schemes": ["5-2-8"]}, "schemes '5-2-8': weight bits '5' is not supported"),
-    ({"bench": {"runs": 0}}, "--runs must be at least 1"),
+    ({"bench": {"runs": 0}}, "error: bench.runs must be at least 1"),
+    ({"qat": {"learning_rate": 0}}, "error: qat.learning_rate must be > 0"),
+    ({"qat": {"loss_task": -1}}, "error: qat.loss_task must be a number >= 0"),
+    ({"qat": {"logits_loss": "l1"}}, "error: qat.logits_loss 'l1' is not supported"),
+    ({"distill": {"layer_map": "odd"}}, "error: distill.layer_map 'odd' is unknown"),
+    ({"convert": {"tolerance": 0}}, "error: convert.tolerance must be > 0"),
     ({"bench": {"peers": ["onnx-magic"]}}, "peer 'onnx-magic' is unknown"),
-    ({"export": {"matmul": "fast"}}, "--matmul 'fast' is not supported"),
+    ({"export": {"matmul": "fast"}}, "error: export.matmul 'fast' is not supported"),
+    # Types, paths and data splits are checked up front too, naming the recipe key (issue 14, defect 12).
+    ({"gates": {"min_ratio": "x"}}, "recipe key 'gates.min_ratio' must be a number or null, got 'x'"),
+    ({"distill": {"encoder_layers": 1.5}}, "recipe key 'distill.encoder_layers' must be an integer or null"),
+    ({"qat": {"max_steps": True}}, "recipe key 'qat.max_steps' must be an integer, got True"),
+    ({"bench": {"runs": "3"}}, "recipe key 'bench.runs' must be an integer, got '3'"),
+    ({"distill": {"encoder_map": [0, "a"]}}, "recipe key 'distill.encoder_map' must be a list of integers"),
+    ({"data": "/no/such/data"}, "recipe key 'data': /no/such/data not found"),
+    ({"bench": {"split": "dev"}}, "recipe key 'bench.split': split 'dev' is not in"),
+    ({"qat": {"train_split": "training"}}, "recipe key 'qat.train_split': split 'training' is not in"),
     ({"gates": {"min_ratios": 3}}, "recipe key 'gates.min_ratios' is unknown: allowed keys in 'gates' are min_ratio"),
 ])
 def test_bad_recipe_is_one_line_error_before_anything_runs(setup, tmp_path, over, message):
     root, data, teacher = setup
-    rec = _recipe(tmp_path, data, teacher, **over)
+    over = dict(over)
+    rec = _recipe(tmp_path, over.pop("data", data), teacher, **over)
     r = CliRunner().invoke(main, ["compress", str(rec), "--dry-run"])
     assert r.exit_code == 2, r.output
     assert message in r.output and len(r.output.strip().splitlines()) == 1
@@ -91,7 +106,8 @@ def test_compress_runs_every_stage_and_writes_the_report(done):
     d = next(r for r in rep["rows"] if r["role"] == "dqtool")
     # (On a d=16 model the graph structure outweighs the weights: only the arithmetic is checked.)
     assert d["kind"] == "onnx" and d["ratio_to_teacher_fp32"] == round(rep["teacher_fp32_bytes"] / d["bytes"]["total"], 2)
-    assert set(d["bytes"]["files"]) == {"encoder_model.onnx", "decoder_model_merged.onnx", "weights.onnx_data"}
+    assert set(d["bytes"]["files"]) == {"encoder_model.onnx", "decoder_model_merged.onnx", "encoder_model.onnx_data",
+                                     "decoder_model_merged.onnx_data"}
     assert set(d["latency"]["1"]) >= {"encoder", "generate", "decode_per_token"}
     assert d["latency"]["1"]["new_tokens"] == 4 and d["latency"]["1"]["generate"]["n"] == 2
     assert set(d["quality"]) >= {"rouge1", "rouge2", "rougeL"} and d["quality"]["rows"] == 4
@@ -160,6 +176,14 @@ def test_bench_cli_on_folders(done, tmp_path):
     rep = json.loads((out / "bench.json").read_text())
     assert [row["kind"] for row in rep["rows"]] == ["onnx", "packed"]
     assert set(rep["rows"][0]["latency"]) == {"1", "2"} and rep["rows"][0]["quality"] is None
+    # The report states the kernels each ONNX graph runs, the CPU features and tokens/s per batch.
+    kern = rep["rows"][0]["kernels"]
+    assert kern["lut_gemm"] is False and sum(kern["decoder_model_merged.onnx"]["ops"].values()) > 0
+    assert "kernels" not in rep["rows"][1]                                  # packed: no ONNX graph
+    assert isinstance(rep["machine"]["cpu_features"], list)
+    assert all(rep["rows"][0]["latency"][b]["tokens_per_s"] > 0 for b in ("1", "2"))
+    md = (out / "bench.md").read_text()
+    assert "CPU features" in md and "batch 2 end to end" in md and "ONNX Runtime kernels" in md
     r = CliRunner().invoke(main, ["bench", str(tmp_path / "nope"), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "not found" in r.output
 
@@ -167,7 +191,7 @@ def test_bench_cli_on_folders(done, tmp_path):
 def test_bench_leaves_the_thread_count_as_it_was(done, tmp_path):
     import torch
 
-    from dqtool.bench import BenchConfig, bench
+    from dqtool.stages.bench.stage import BenchConfig, bench
 
     root, rec, _ = done
     before = torch.get_num_threads()
@@ -197,5 +221,5 @@ def test_shipped_recipes_validate():
     papers = sorted((root / "paper").glob("*.yaml"))
     assert len(papers) == 3
     for p in papers:
-        r = load_recipe(p)
+        r = load_recipe(p, check_paths=False)  # their data (data/xsum, ...) is the user's to fetch
         assert {c.scheme.act_granularity for c in r.qats.values()} == {"tensor"}, p

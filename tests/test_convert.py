@@ -10,15 +10,16 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from dqtool.cli import main
-from dqtool.convert import LAYOUT_FILE, PACKED_FILE, ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.manifest import verify_folder, write_manifest
-from dqtool.pack import pack_codes, row_bytes, unpack_codes
-from dqtool.packed import PackedEmbedding, PackedLinear
-from dqtool.qat import _save_qat, load_qat
-from dqtool.qmodules import prepare
-from dqtool.quant import QuantSpec, quantize_weight
-from dqtool.scheme import QuantScheme
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.formats.packed import LAYOUT_FILE, PACKED_FILE, load_packed
+from dqtool.base.errors import DQToolError
+from dqtool.formats.manifest import verify_folder, write_manifest
+from dqtool.qmath.pack import pack_codes, row_bytes, unpack_codes
+from dqtool.model.packed import PackedEmbedding, PackedLinear
+from dqtool.formats.qat import load_qat, save_qat
+from dqtool.model.qmodules import prepare
+from dqtool.qmath.quant import QuantSpec, quantize_weight
+from dqtool.qmath.scheme import QuantScheme
 from tiny import ARCHS, tiny_model, tiny_tokenizer
 
 SCHEMES = {  # name -> (W-E-A, scheme overrides)
@@ -47,7 +48,7 @@ def make_qat(path: Path, arch: str, name: str, enc: int = 2, dec: int = 2) -> Pa
             model(input_ids=ids, decoder_input_ids=ids)
         model.eval()
     path.mkdir(parents=True)
-    _save_qat(model, tiny_tokenizer(), path, scheme)
+    save_qat(model, tiny_tokenizer(), path, scheme)
     write_manifest(path, "qat", inputs={}, config={})
     return path
 
@@ -86,7 +87,7 @@ def test_pack_rejects_out_of_range_codes():
 @pytest.mark.parametrize("spec", [QuantSpec.weight(2), QuantSpec.weight(3, "tensor"), QuantSpec.weight(4, "group", 4),
                                   QuantSpec.weight(8, "row")], ids=lambda s: f"{s.bits}-{s.granularity}")
 def test_packed_linear_equals_fake_quant_linear_bit_for_bit(spec):
-    from dqtool.qmodules import QuantLinear
+    from dqtool.model.qmodules import QuantLinear
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(12, 5)  # 12 columns: 2- and 3-bit rows end mid-byte
@@ -167,7 +168,8 @@ def test_footprint_within_5_percent_of_bit_bound_and_smaller_than_teacher(tmp_pa
         model = prepare(BartForConditionalGeneration(cfg).eval(), QuantScheme.from_wea(wea))
         q = tmp_path / f"qat-{wea}"
         q.mkdir()
-        _save_qat(model, tiny_tokenizer(), q, model.dqtool_scheme)
+        save_qat(model, tiny_tokenizer(), q, model.dqtool_scheme)
+        write_manifest(q, "qat", inputs={}, config={})
         r = convert(q, tmp_path / f"p-{wea}", ConvertConfig(float_dtype="float32", teacher=str(teacher),
                                                            check_samples=1))
         f = r.footprint

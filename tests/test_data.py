@@ -4,8 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 from dqtool.cli import main
-from dqtool.data import DataConfig, available_splits, load_pairs, tokenize_pairs
-from dqtool.errors import DQToolError
+from dqtool.data.pairs import DataConfig, available_splits, load_pairs, tokenize_pairs
+from dqtool.base.errors import DQToolError
 
 ROWS = [{"id": "a", "source": "first long text", "target": "first"},
         {"id": "b", "source": "second long text here", "target": "second"}]

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from dqtool.cli import main
-from dqtool.distill import DistillConfig, distill, teacher_key
-from dqtool.manifest import MANIFEST_NAME, sha256_file, verify_folder
-from dqtool.registry import spec_for
+from dqtool.stages.distill import DistillConfig, distill, teacher_key
+from dqtool.formats.manifest import MANIFEST_NAME, sha256_file, verify_folder
+from dqtool.model.registry import spec_for
 from tiny import ARCHS
 
 
@@ -91,14 +91,21 @@ def test_manifest_records_teacher_hash_map_and_config(tiny_dir, tmp_path):
     assert (tmp_path / "s" / "generation_config.json").is_file()
 
 
-def test_cli_distill_and_force(tiny_dir, tmp_path):
-    runner = CliRunner()
-    out = tmp_path / "s"
-    r = runner.invoke(main, ["distill", str(tiny_dir("bart")), str(out), "--encoder-layers", "2", "--decoder-layers", "2"])
+def _cli_distill(tiny_dir, out, *layers):
+    return CliRunner().invoke(main, ["distill", str(tiny_dir("bart")), str(out), *layers])
+
+
+def test_cli_distill_prints_the_layer_map(tiny_dir, tmp_path):
+    r = _cli_distill(tiny_dir, tmp_path / "s", "--encoder-layers", "2", "--decoder-layers", "2")
     assert r.exit_code == 0, r.output
     assert "[0, 3]" in r.output
+
+
+def test_cli_distill_force_replaces_out_and_leaves_no_temp_folders(tiny_dir, tmp_path):
+    out = tmp_path / "s"
+    assert _cli_distill(tiny_dir, out, "--encoder-layers", "2", "--decoder-layers", "2").exit_code == 0
     first = sha256_file(out / "model.safetensors")
-    r = runner.invoke(main, ["distill", str(tiny_dir("bart")), str(out), "--encoder-layers", "1", "--force"])
+    r = _cli_distill(tiny_dir, out, "--encoder-layers", "1", "--force")
     assert r.exit_code == 0, r.output
     assert sha256_file(out / "model.safetensors") != first
     assert json.loads((out / MANIFEST_NAME).read_text())["layer_map"]["encoder"] == [0]

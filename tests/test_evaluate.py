@@ -1,4 +1,5 @@
 import json
+import types
 
 import pytest
 import torch
@@ -6,8 +7,11 @@ from click.testing import CliRunner
 
 from dqtool import __version__
 from dqtool.cli import main
-from dqtool.errors import DQToolError
-from dqtool.evaluate import MODEL_KINDS, EvalConfig, ModelKind, evaluate_model, model_kind
+from dqtool.base.errors import DQToolError
+from dqtool import formats
+from dqtool.formats import detect as model_kind
+from dqtool.runtimes.load import LOADERS
+from dqtool.stages.evaluate import EvalConfig, evaluate_model
 
 # Different lengths, so sorting by length reorders them and the test can see order restored.
 ROWS = [{"id": f"r{i}", "source": "the cat sat on the mat " * (1 + i % 3) + str(i), "target": "the cat"}
@@ -161,7 +165,9 @@ def test_model_kinds_are_detected_most_specific_first(tmp_path, tiny_dir, data, 
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "marker.txt").write_text("x")
-    monkeypatch.setattr("dqtool.evaluate.MODEL_KINDS",
-                        [ModelKind("odd", "an odd folder", lambda p: (p / "marker.txt").is_file(), load), *MODEL_KINDS])
+    odd_kind = types.SimpleNamespace(NAME="odd", ACCEPTS="an odd folder", detect=lambda p: (p / "marker.txt").is_file(),
+                                     verify=lambda p: None)
+    monkeypatch.setattr(formats, "KINDS", (odd_kind, *formats.KINDS))
+    monkeypatch.setitem(LOADERS, "odd", lambda src, threads: load(src))
     res = evaluate_model(odd, None, EvalConfig(data=data, max_length=4))
     assert res.model_kind == "odd" and calls == [str(odd)] and len(res.predictions) == 5

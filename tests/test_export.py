@@ -2,6 +2,7 @@
 PyTorch runtime; one copy of every weight; clear errors for what ORT cannot run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from dqtool.cli import main
-from dqtool.convert import ConvertConfig, convert, load_packed
-from dqtool.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
-from dqtool.manifest import verify_folder
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.stages.export import DATA_FILE, DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export, float_copies
+from dqtool.formats.manifest import verify_folder
+from dqtool.formats.onnx import graph_folder
 from test_convert import make_qat
 
 
@@ -26,13 +29,13 @@ def _packed(root: Path, arch: str, scheme: str) -> Path:
 def _ops(folder: Path) -> set[str]:
     ops = set()
     for f in (ENCODER_FILE, DECODER_FILE):
-        m = onnx.load(str(folder / f), load_external_data=False)
+        m = onnx.load(str(graph_folder(folder) / f), load_external_data=False)
         ops |= {n.op_type for g in _all_graphs(m.graph) for n in g.node}
     return ops
 
 
 def _inits(folder: Path, fname: str) -> dict:
-    m = onnx.load(str(folder / fname), load_external_data=False)
+    m = onnx.load(str(graph_folder(folder) / fname), load_external_data=False)
     return {i.name: i for g in _all_graphs(m.graph) for i in g.initializer}
 
 
@@ -77,7 +80,7 @@ def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, sch
     """With per-token activation ranges a request's tokens do not depend on what else is in
     the batch, or on how much padding that adds: alone or batched, in the packed runtime
     and in ONNX Runtime, greedy tokens are the same (per-tensor ranges broke this)."""
-    from dqtool.ort_runtime import load_onnx
+    from dqtool.runtimes.ort import load_onnx
 
     packed = _packed(tmp_path, "bart", scheme)
     export(packed, tmp_path / "onnx")
@@ -100,28 +103,46 @@ def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, sch
         assert np.array_equal(rt.generate(input_ids=ids[i:i + 1, :n], **gen)[0], row.numpy()), i
 
 
-def test_weights_are_stored_once_under_packed_names(tmp_path):
+@pytest.mark.parametrize("external_data", ["per-graph", "shared"])
+def test_weights_are_stored_once_under_packed_names(tmp_path, external_data):
+    """Graphs under onnx/ with packed tensor names. shared: one weights.onnx_data, every
+    tensor once; per-graph (transformers.js' <graph>.onnx_data): every tensor once per graph
+    file, so only the tied embedding (used by both graphs) is stored twice."""
     packed = _packed(tmp_path, "bart", "2-2-8")
-    export(packed, tmp_path / "onnx")
+    export(packed, tmp_path / "onnx", ExportConfig(external_data=external_data))
     out = tmp_path / "onnx"
+    gdir = out / "onnx"
+    assert sorted(p.name for p in gdir.iterdir()) == sorted(
+        [ENCODER_FILE, DECODER_FILE] + ([DATA_FILE] if external_data == "shared" else
+                                        [ENCODER_FILE + "_data", DECODER_FILE + "_data"]))
+    js = json.loads((out / "config.json").read_text()).get("transformers.js_config", {})
+    assert js.get("use_external_data_format") == (
+        None if external_data == "shared" else {ENCODER_FILE: 1, DECODER_FILE: 1})
     enc, dec = _inits(out, ENCODER_FILE), _inits(out, DECODER_FILE)
     # Packed names, as in packed.safetensors; the tied embedding is one tensor for
     # encoder Gather, decoder Gather and lm_head.
     assert "model.encoder.layers.0.fc1.qweight" in enc and "model.decoder.layers.0.fc1.qweight" in dec
     assert "model.shared.qweight" in enc and "model.shared.qweight" in dec
     assert not any("lm_head" in n and "qweight" in n for n in dec)
-    locs = {}
-    for name, init in {**enc, **dec}.items():
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            ext = {e.key: e.value for e in init.external_data}
-            assert ext["location"] == DATA_FILE
-            locs.setdefault(name, set()).add((ext["offset"], ext["length"]))
-    assert all(len(v) == 1 for v in locs.values())  # same bytes for both graphs
-    spans = sorted((int(o), int(n)) for v in locs.values() for o, n in v)
-    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor written twice
-    # The weights file is the packed weights (codes at their bit width), not an unpacked copy.
+    locs: dict[str, dict] = {}
+    for fname, inits in ((ENCODER_FILE, enc), (DECODER_FILE, dec)):
+        for name, init in inits.items():
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in init.external_data}
+                assert ext["location"] == (DATA_FILE if external_data == "shared" else fname + "_data")
+                locs.setdefault(ext["location"], {}).setdefault(name, set()).add((ext["offset"], ext["length"]))
+    for per_file in locs.values():
+        assert all(len(v) == 1 for v in per_file.values())  # same bytes wherever a graph uses the tensor
+        spans = sorted((int(o), int(n)) for v in per_file.values() for o, n in v)
+        assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no tensor written twice in a file
+    in_both = set.intersection(*(set(v) for v in locs.values())) if len(locs) == 2 else set()
+    assert in_both == ({"model.shared.qweight", "model.shared.scale"} & set(enc)
+                       if external_data == "per-graph" else set())
+    # The weights files are the packed weights (codes at their bit width), not an unpacked copy.
     packed_bytes = (packed / "packed.safetensors").stat().st_size
-    assert (out / DATA_FILE).stat().st_size < 1.2 * packed_bytes
+    data_bytes = sum((gdir / f).stat().st_size for f in locs)
+    dup = sum(int(next(iter(locs[DECODER_FILE + "_data"][n]))[1]) for n in in_both)
+    assert data_bytes - dup < 1.2 * packed_bytes
     qw = dec["model.decoder.layers.0.fc1.qweight"]
     assert qw.data_type == onnx.TensorProto.UINT8 and list(qw.dims) == [32, 4]  # 16 ternary codes in 4 bytes
 
@@ -131,11 +152,11 @@ def test_initializer_scan_finds_a_float_copy(tmp_path):
     export(packed, tmp_path / "onnx")
     out = tmp_path / "onnx"
     model, _ = load_packed(packed)
-    models = {f: onnx.load(str(out / f)) for f in (ENCODER_FILE, DECODER_FILE)}
-    assert float_copies(models, out, model) == []
+    models = {f: onnx.load(str(out / "onnx" / f)) for f in (ENCODER_FILE, DECODER_FILE)}
+    assert float_copies(models, out / "onnx", model) == []
     w = model.model.encoder.layers[0].fc1.weight().detach().numpy()
     models[ENCODER_FILE].graph.initializer.append(onnx.numpy_helper.from_array(w.T.copy(), "leak"))
-    assert float_copies(models, out, model) == [f"{ENCODER_FILE}:leak == model.encoder.layers.0.fc1"]
+    assert float_copies(models, out / "onnx", model) == [f"{ENCODER_FILE}:leak == model.encoder.layers.0.fc1"]
 
 
 @pytest.mark.parametrize("scheme,args,message", [
@@ -151,23 +172,46 @@ def test_unsupported_scheme_is_refused_before_export(tmp_path, scheme, args, mes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx")]
 
 
-def test_cli_export_and_bad_inputs(tmp_path):
-    packed = _packed(tmp_path, "bart", "2-2-8")
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    """One packed folder and its export through the CLI, shared by the CLI tests below."""
+    root = tmp_path_factory.mktemp("cli_export")
+    packed = _packed(root, "bart", "2-2-8")
+    r = CliRunner().invoke(main, ["export", str(packed), str(root / "onnx")])
+    return root, packed, r
+
+
+def test_cli_export_reports_ops_and_parity(cli_export):
+    _, _, r = cli_export
     assert r.exit_code == 0, r.output
     assert "MatMulInteger" in r.output and "identical" in r.output
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "onnx")])
+
+
+def test_cli_export_existing_out_needs_force(cli_export):
+    root, packed, _ = cli_export
+    r = CliRunner().invoke(main, ["export", str(packed), str(root / "onnx")])
     assert r.exit_code == 2 and "--force" in r.output
-    r = CliRunner().invoke(main, ["export", str(tmp_path / "qat"), str(tmp_path / "o2")])
+
+
+def test_cli_export_refuses_a_folder_that_is_not_packed(cli_export):
+    root, _, _ = cli_export
+    r = CliRunner().invoke(main, ["export", str(root / "qat"), str(root / "o2")])
     assert r.exit_code == 2 and "not a packed folder" in r.output
-    (packed / "packing.json").write_text(json.dumps({"tampered": True}))
-    r = CliRunner().invoke(main, ["export", str(packed), str(tmp_path / "o3")])
+    assert not (root / "o2").exists()
+
+
+def test_cli_export_refuses_an_edited_packed_folder(cli_export, tmp_path):
+    root, packed, _ = cli_export
+    edited = tmp_path / "packed"
+    shutil.copytree(packed, edited)
+    (edited / "packing.json").write_text(json.dumps({"tampered": True}))
+    r = CliRunner().invoke(main, ["export", str(edited), str(tmp_path / "o3")])
     assert r.exit_code == 2 and "does not match its hash" in r.output
-    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    assert not (tmp_path / "o3").exists()
 
 
 def test_auto_plan_integer_for_many_rows_nbits_per_token(tmp_path):
-    from dqtool.export import plan_linears
+    from dqtool.stages.export import plan_linears
 
     model, _ = load_packed(_packed(tmp_path, "bart", "2-2-8"))
     plans = plan_linears(model, ExportConfig(nbits_min_weights=1))  # tiny model: treat its decoder as memory-bound

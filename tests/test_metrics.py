@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from dqtool.errors import DQToolError
-from dqtool.metrics import bleu, rouge, score, split_sentences
+from dqtool.base.errors import DQToolError
+from dqtool.data.metrics import bleu, rouge, score, split_sentences
 
 
 def test_rouge_hand_computed():

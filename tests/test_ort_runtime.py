@@ -1,4 +1,4 @@
-"""dqtool.ort_runtime: generation over optimum-layout ONNX folders equals Hugging Face's generate.
+"""dqtool.runtimes.ort: generation over optimum-layout ONNX folders equals Hugging Face's generate.
 
 Tiny models are exported with optimum's ``main_export`` (about a second each). Most tiny
 models of ``tests/tiny.py`` tie their output embedding to the input one, so greedy
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from dqtool.errors import DQToolError
+from dqtool.base.errors import DQToolError
 
 ARCHS = ("bart", "t5", "marian")
 # (scale of the EOS row of the output layer, added EOS logit bias) per architecture: makes EOS
@@ -98,7 +98,7 @@ def exported(tmp_path_factory):
 
 
 def _load(folder):
-    from dqtool.ort_runtime import OnnxSeq2Seq
+    from dqtool.runtimes.ort import OnnxSeq2Seq
 
     return OnnxSeq2Seq.from_folder(folder, threads=1)
 
@@ -171,7 +171,7 @@ def test_beam_search_matches_hf(exported, arch):
 
 def test_other_decoder_layouts(exported, tmp_path):
     """decoder_model + decoder_with_past (no merged file), and decoder_model alone (no cache)."""
-    from dqtool.ort_runtime import OnnxSeq2Seq
+    from dqtool.runtimes.ort import OnnxSeq2Seq
 
     hf, folder = exported("bart")
     onnx = OnnxSeq2Seq.from_folder(folder, threads=1, decoder="pair")  # all three files: the pair is chosen
@@ -212,7 +212,8 @@ def test_encode_and_decoder_step_match_torch(exported):
 
 
 def test_model_surface(exported):
-    from dqtool.ort_runtime import is_onnx_folder, load_onnx
+    from dqtool.formats.onnx import is_onnx_folder
+    from dqtool.runtimes.ort import load_onnx
 
     hf, folder = exported("marian")
     assert is_onnx_folder(folder) and not is_onnx_folder(folder.parent / "hf")
@@ -242,7 +243,7 @@ def test_model_surface(exported):
 
 
 def test_folder_without_onnx_files_is_one_clear_error(tmp_path, exported):
-    from dqtool.ort_runtime import OnnxSeq2Seq
+    from dqtool.runtimes.ort import OnnxSeq2Seq
 
     _, folder = exported("bart")
     shutil.copy(folder / "config.json", tmp_path / "config.json")
@@ -282,7 +283,7 @@ def test_project_tiny_folder(tiny_dir, tmp_path):
 
 
 def test_topk_matches_a_full_stable_sort():
-    from dqtool.ort_runtime import _topk
+    from dqtool.runtimes.search import topk
 
     rng = np.random.default_rng(0)
     for n in (7, 300, 4096, 50265 * 4):
@@ -291,11 +292,11 @@ def test_topk_matches_a_full_stable_sort():
             x[1] = np.round(x[1] * 2) / 2  # many ties
             x[2, : n // 2] = -np.inf
             want = np.stack([np.lexsort((np.arange(n), -row))[:k] for row in x])
-            np.testing.assert_array_equal(_topk(x, k), want)
+            np.testing.assert_array_equal(topk(x, k), want)
 
 
 def test_kv_cache_reorder_moves_rows_in_place():
-    from dqtool.ort_runtime import KVCache
+    from dqtool.runtimes.ort import KVCache
 
     kv = np.arange(4 * 2 * 3 * 2, dtype=np.float32).reshape(4, 2, 3, 2)
     cross = np.zeros((4, 2, 5, 2), dtype=np.float32)

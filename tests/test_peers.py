@@ -1,4 +1,4 @@
-"""dqtool.peers: every peer builds from a tiny BART teacher (and student), is smaller than
+"""dqtool.stages.bench.peers: every peer builds from a tiny BART teacher (and student), is smaller than
 fp32 where it should be, holds the quantized ops it claims, and generates as bench calls it.
 
 The tiny models have d_model 64 (at 16, ONNX graph overhead outweighs the weights and a
@@ -19,11 +19,11 @@ import onnx
 import pytest
 import torch
 
-from dqtool.bench import _greedy_exact
-from dqtool.errors import DQToolError
-from dqtool.evaluate import EvalConfig
-from dqtool.export import _all_graphs
-from dqtool.peers import PEERS, STAMP_FILE, _build, build_peers, ctranslate2_int8_peer
+from dqtool.stages.bench.stage import _greedy_exact
+from dqtool.base.errors import DQToolError
+from dqtool.stages.evaluate import EvalConfig
+from dqtool.stages.export import _all_graphs
+from dqtool.stages.bench.peers import PEERS, STAMP_FILE, _build, build_peers, ctranslate2_int8_peer
 
 LENGTHS = (9, 4, 12, 6, 7, 3)  # one padded batch of different source lengths
 INT8 = ("pytorch-int8-dynamic", "ort-int8-dynamic", "student-ort-int8-dynamic", "ctranslate2-int8")

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,11 @@ from safetensors.torch import load_file
 
 from dqtool.cli import main
 from transformers import AutoModelForSeq2SeqLM
-from dqtool.distill import DistillConfig, distill
-from dqtool.manifest import verify_folder
-from dqtool.qat import QSTATE_FILE, load_qat
-from dqtool.qmodules import QuantLinear, prepare
-from dqtool.scheme import QuantScheme
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.formats.manifest import verify_folder
+from dqtool.formats.qat import QSTATE_FILE, load_qat
+from dqtool.model.qmodules import QuantLinear, prepare
+from dqtool.qmath.scheme import QuantScheme
 from tiny import write_pairs
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_qat_writes_a_folder_that_loads_with_fake_quant(setup):
 
 
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
-    from dqtool.qat import _last_checkpoint
+    from dqtool.stages.qat import _last_checkpoint
 
     assert _last_checkpoint(tmp_path / "none") is None
     (tmp_path / "checkpoint-2").mkdir()
@@ -83,28 +82,40 @@ def _weights(folder):
     return load_file(Path(folder) / "model.safetensors")
 
 
+# Run in the killed child: the CLI's qat with one extra Trainer callback that SIGKILLs the
+# process right after checkpoint-2 is complete (a test-only hook, no debug switch in dqtool).
+_KILL_AFTER_CHECKPOINT_2 = """
+import os, signal, sys
+from transformers import TrainerCallback
+import dqtool.stages.qat as stage
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+run = stage.qat
+stage.qat = lambda *a, **k: run(*a, callbacks=(KillAfterSave(),), **k)
+from dqtool.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_sigkill_then_resume_matches_uninterrupted(setup):
     root, data = setup
     # The killed child must compute like this process (same thread count, same float sums).
-    env = {**os.environ, "DQTOOL_DEBUG_STEP_SLEEP": "0.5", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = root / "killed"
-    cmd = [sys.executable, "-m", "dqtool.cli", *_args(root, data, killed, "--wea", "4-4-8")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = root / "killed.partial" / "checkpoint-2"
-    deadline = time.time() + 120
-    while not (ckpt / "trainer_state.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    cmd = [sys.executable, "-c", _KILL_AFTER_CHECKPOINT_2, *_args(root, data, killed, "--wea", "4-4-8")]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (root / "killed.partial" / "checkpoint-2" / "trainer_state.json").is_file()
     assert not killed.exists()  # no output that looks whole
     r = CliRunner().invoke(main, _args(root, data, killed, "--wea", "4-4-8"))
     assert r.exit_code == 2 and "--resume" in r.output
     r = CliRunner().invoke(main, _args(root, data, killed, "--wea", "4-4-8", "--resume"))
     assert r.exit_code == 0, r.output
-    assert verify_folder(killed, "qat")["resumed_from"].endswith("checkpoint-2") or \
-        verify_folder(killed, "qat")["resumed_from"].endswith("checkpoint-4")
+    assert verify_folder(killed, "qat")["resumed_from"].endswith("checkpoint-2")
     full = root / "full"
     r = CliRunner().invoke(main, _args(root, data, full, "--wea", "4-4-8"))
     assert r.exit_code == 0, r.output
@@ -153,9 +164,9 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     """Sequence-level distillation: each row's labels become the teacher's own output for
     its source (decoder start token dropped, cut after EOS); a QAT run with --targets
     teacher records how many rows it relabelled."""
-    from dqtool.evaluate import _pad
-    from dqtool.loading import load_seq2seq
-    from dqtool.qat import _Seq2SeqRows, teacher_targets
+    from dqtool.runtimes.textgen import pad
+    from dqtool.formats.hf import load_seq2seq
+    from dqtool.stages.qat import _Seq2SeqRows, teacher_targets
 
     root, data = setup
     teacher, tok = load_seq2seq(tiny_dir("bart"))
@@ -166,7 +177,7 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     changed = teacher_targets(teacher, rows, 7, tok.pad_token_id, batch_size=2)
     eos = teacher.generation_config.eos_token_id
     for s, row in zip(srcs, rows):
-        ids, mask = _pad([tok(s)["input_ids"]], tok.pad_token_id, left=False)
+        ids, mask = pad([tok(s)["input_ids"]], tok.pad_token_id, left=False)
         ref = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False)[0, 1:].tolist()
         assert row["labels"] == (ref[:ref.index(eos) + 1] if eos in ref else ref)
         assert 0 < len(row["labels"]) <= 7
@@ -178,8 +189,8 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     m = verify_folder(out, "qat")
     assert m["config"]["targets"] == "teacher" and m["teacher_relabelled_rows"] > 0
     # A cache dir lets a second scheme reuse the first one's generation, with the same labels.
-    from dqtool.qat import QATConfig, qat
-    from dqtool.scheme import QuantScheme
+    from dqtool.stages.qat import QATConfig, qat
+    from dqtool.qmath.scheme import QuantScheme
 
     cfg = QATConfig(data=str(data), scheme=QuantScheme.from_wea("2-2-8"), targets="teacher", max_steps=1,
                     save_steps=1, batch_size=4, source_max_length=32, target_max_length=16)
@@ -188,7 +199,9 @@ def test_teacher_targets_replace_labels_with_the_teachers_outputs(setup, tiny_di
     assert len(cached) == 1 and not list((root / "cache").glob("*.tmp"))
     second = qat(root / "student", root / "qc2", cfg, progress=False, cache_dir=root / "cache")
     m1, m2 = verify_folder(first.out_dir, "qat"), verify_folder(second.out_dir, "qat")
-    assert m1["teacher_relabelled_rows"] == m2["teacher_relabelled_rows"] == m["teacher_relabelled_rows"]
+    # (1 step of 4 reads 4 rows: only those get the teacher's outputs; the second run generates none.)
+    assert m1["teacher_relabelled_rows"] == m2["teacher_relabelled_rows"] == m1["teacher_targets"]["rows"] == 4
+    assert m1["teacher_targets"]["generated"] == 4 and m2["teacher_targets"]["generated"] == 0
     assert _weights(first.out_dir).keys() == _weights(second.out_dir).keys()
     assert all(torch.equal(a, b) for a, b in zip(_weights(first.out_dir).values(), _weights(second.out_dir).values()))
     r = CliRunner().invoke(main, _args(root, data, root / "qbad", "--targets", "model"))

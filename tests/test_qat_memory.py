@@ -8,11 +8,11 @@ import torch
 from click.testing import CliRunner
 
 from dqtool.cli import main
-from dqtool.distill import DistillConfig, distill
-from dqtool.losses import LossConfig
-from dqtool.manifest import verify_folder
-from dqtool.memory import activation_floats, estimate
-from dqtool.qat import QATConfig, teacher_dtype
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.model.losses import LossConfig
+from dqtool.formats.manifest import verify_folder
+from dqtool.model.memory import activation_floats, estimate
+from dqtool.stages.qat import QATConfig, teacher_dtype
 from tiny import tiny_config, write_pairs
 
 
@@ -31,8 +31,8 @@ def _run(root, data, out, *extra):
 
 
 def _api(root, data, out, **kw):
-    from dqtool.qat import qat
-    from dqtool.scheme import QuantScheme
+    from dqtool.stages.qat import qat
+    from dqtool.qmath.scheme import QuantScheme
 
     cfg = QATConfig(data=str(data), scheme=QuantScheme.from_wea("2-2-8"), max_steps=3, save_steps=100, batch_size=4,
                     source_max_length=32, target_max_length=16, logging_steps=1, **kw)

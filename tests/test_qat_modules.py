@@ -3,13 +3,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dqtool.distill import DistillConfig, distill
-from dqtool.errors import DQToolError
-from dqtool.losses import LossConfig, distill_losses
-from dqtool.qmodules import QuantEmbedding, QuantLinear, prepare
-from dqtool.quant import fake_quant
-from dqtool.registry import get_module, linears, spec_for
-from dqtool.scheme import QuantScheme
+from dqtool.stages.distill import DistillConfig, distill
+from dqtool.base.errors import DQToolError
+from dqtool.model.losses import LossConfig, distill_losses
+from dqtool.model.qmodules import QuantEmbedding, QuantLinear, prepare
+from dqtool.qmath.quant import fake_quant
+from dqtool.model.registry import get_module, linears, spec_for
+from dqtool.qmath.scheme import QuantScheme
 from tiny import ARCHS, tiny_model
 
 OFF = QuantScheme(w_bits=None, e_bits=None, a_bits=None)

@@ -1,10 +1,10 @@
-"""dqtool.quant: level counts, STE gradients, the fake-quant == packed bit-exact invariant, errors."""
+"""dqtool.qmath.quant: level counts, STE gradients, the fake-quant == packed bit-exact invariant, errors."""
 
 import pytest
 import torch
 
-from dqtool.errors import DQToolError
-from dqtool.quant import (
+from dqtool.base.errors import DQToolError
+from dqtool.qmath.quant import (
     QuantSpec,
     activation_qparams,
     compute_scale,
@@ -271,7 +271,7 @@ def test_per_token_activation_ignores_the_rest_of_the_batch(symmetric):
 def test_token_granularity_is_for_activations():
     with pytest.raises(DQToolError, match="granularity 'token' is for activations"):
         QuantSpec.weight(4, "token")
-    with pytest.raises(DQToolError, match="choose token or tensor"):
+    with pytest.raises(DQToolError, match="choose token, tensor or block"):
         QuantSpec.activation(8, granularity="row")
 
 
@@ -289,7 +289,7 @@ def test_asymmetric_activation_rejects_clip():
     (dict(bits=8, granularity="group"), ["group_size", "positive"]),
     (dict(bits=8, granularity="group", group_size=0), ["group_size", "positive"]),
     (dict(bits=8, granularity="row", group_size=32), ["group_size", "granularity"]),
-    (dict(bits=8, method="kmeans"), ["method 'kmeans'", "minmax, ternary or lsq"]),
+    (dict(bits=8, method="kmeans"), ["method 'kmeans'", "minmax, ternary, lsq, seq or tbt"]),
     (dict(bits=4, method="ternary"), ["ternary", "bits 2"]),
     (dict(bits=8, symmetric=False), ["symmetric", "activations only"]),
     (dict(bits=8, granularity="row", role="activation"), ["activation granularity", "tensor"]),

@@ -2,9 +2,9 @@ import pytest
 import torch.nn as nn
 from transformers import GPT2Config
 
-from dqtool.errors import DQToolError
-from dqtool.layermap import default_map
-from dqtool.registry import get_module, linears, num_layers, spec_for, supported
+from dqtool.base.errors import DQToolError
+from dqtool.model.layermap import default_map
+from dqtool.model.registry import get_module, linears, num_layers, spec_for, supported
 from tiny import ARCHS, tiny_config, tiny_model
 
 # Linear layers per layer: BART family enc 4 attn + 2 ffn, dec 8 attn + 2 ffn;

@@ -6,11 +6,12 @@ import copy
 import pytest
 import torch
 
-from dqtool.convert import ConvertConfig, convert, load_packed
-from dqtool.errors import DQToolError
-from dqtool.packed import PackedEmbedding, PackedLinear
-from dqtool.qat import load_qat
-from dqtool.weight_cache import cache_scope, set_weight_cache
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.model.packed import PackedEmbedding, PackedLinear
+from dqtool.formats.qat import load_qat
+from dqtool.model.weight_cache import cache_scope, set_weight_cache
 from test_convert import SCHEMES, _ids, make_qat
 from tiny import ARCHS
 

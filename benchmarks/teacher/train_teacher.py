@@ -1,14 +1,14 @@
 """Train a BART teacher from scratch on the bundled Debian synopsis data.
 
-The "demo" size is a fixture for dqtool's embedded default: it must train on a 2-core
-CPU in at most 5 minutes wall time (tokenization and saving included) and still beat
+The "demo" size is a fixture for dqtool's embedded default: it trains a fixed number of
+steps (2600; about 4.5 minutes on a 2-core CPU, tokenization and saving included) and beats
 trivial baselines clearly, so that distillation/quantization results on it mean
 something.  The brief asked for 6+6 layers if they learn in time; they do not (see
 benchmarks/teacher/RESULTS_demo_teacher.md): 6+6 at d_model 128-192 was still ignoring
 the source after 5 minutes, so the demo teacher has 3 encoder + 3 decoder layers
 (students can map 3 -> 2 or 3 -> 1, as in DQ-BART's 12-6 / 12-3 / 12-1 settings).
 
-Two training phases share one wall-clock budget: a short "copy warm-up" (target = first
+Two training phases share the step budget: a short "copy warm-up" (target = first
 8 source words, a miniature of BART's denoising pre-training that makes the
 cross-attention read the source) and then the synopsis task.
 
@@ -17,8 +17,11 @@ GPU run later; it uses the same data and tokenizer, only the config and step cou
 differ.  It is not meant to run on a CPU.
 
 Training uses HF ``Seq2SeqTrainer`` (no home-made loop).  A fixed ``max_steps`` makes
-the result reproducible for a given seed/thread count; a wall-clock guard
-(``--max-minutes``) stops early on a slower machine so the 5-minute promise holds.
+the result the same on any machine for a given seed/thread count: the time is reported
+(``train_info.json``), never enforced by default, since a teacher stopped early by a wall
+clock on a slow or busy machine once finished 200 of its 2600 steps and made every score
+of the main job meaningless.  ``--max-minutes`` is an explicit opt-in for tuning runs; a
+run it stops early says so loudly and exits with code 3.
 
 Output folder (written atomically: temp folder in the same parent, then rename):
 ``config.json``, ``model.safetensors``, ``generation_config.json``, tokenizer files and
@@ -169,7 +172,7 @@ def generation_config(tok, max_target: int) -> GenerationConfig:
 
 def save_atomically(out: Path, model, tok, gen_cfg, info: dict) -> None:
     """Save the teacher through dqtool's atomic output (temp folder + rename, old kept until then)."""
-    from dqtool.manifest import atomic_output
+    from dqtool.formats.manifest import atomic_output
 
     with atomic_output(out, force=True) as tmp:
         model.generation_config = gen_cfg
@@ -208,14 +211,16 @@ def run_phase(model, tok, ds, steps, recipe, seed, collator, guard) -> Seq2SeqTr
                           processing_class=tok, callbacks=[guard])
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Train a BART teacher from scratch (demo: <= 5 min on 2 CPU cores).")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="Train a BART teacher from scratch (demo: 2600 steps, ~4.5 min on "
+                                             "2 CPU cores).")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.jsonl")
     ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    ap.add_argument("--max-minutes", type=float, default=5.0,
-                    help="wall-clock budget for the whole script; training stops early to respect it")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="opt-in wall-clock budget for tuning runs (default: none, the fixed step count always "
+                         "runs); a run stopped early by it is flagged in train_info.json and exits 3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     # Optional overrides of the recipe (used while tuning; defaults come from RECIPES).
@@ -228,7 +233,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dropout", type=float)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--copy-steps", type=int)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.size])
@@ -252,8 +261,8 @@ def main(argv=None) -> int:
     print(f"[teacher] size={args.size} params={n_params/1e6:.2f}M rows={len(train_ds)} "
           f"setup={t_tok:.1f}s recipe={recipe}", flush=True)
 
-    # Leave ~20 s of the budget for saving the model and writing train_info.json.
-    guard = WallClockGuard(deadline_s=args.max_minutes * 60 - 20)
+    # Only with --max-minutes: leave ~20 s of the budget for saving the model and train_info.json.
+    guard = WallClockGuard(deadline_s=args.max_minutes * 60 - 20 if args.max_minutes else float("inf"))
     collator = DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100)
     t0 = time.time()
     phases = []
@@ -312,6 +321,11 @@ def main(argv=None) -> int:
     if not math.isfinite(result.training_loss):
         print("[teacher] training loss is not finite", file=sys.stderr)
         return 1
+    if guard.stopped_early:
+        print(f"[teacher] WARNING: --max-minutes {args.max_minutes} stopped training after {info['steps']} of "
+              f"{recipe['steps']} steps; this teacher is not the demo teacher (scores on it are not comparable)",
+              file=sys.stderr)
+        return 3
     return 0
 
 

@@ -1,0 +1,321 @@
+"""Export-mode packed Linears: PyTorch forward = the packed runtime, ONNX symbolic = ORT's
+quantized ops on the trained integers.
+
+:func:`onnx_linear` is a packed Linear's forward while exporting (export's own module). It
+computes exactly what the packed runtime computes (so optimum's tracing and
+any check run the trained numerics); the TorchScript exporter calls the autograd
+function's ``symbolic`` instead, which writes one of two ONNX Runtime paths:
+
+``integer`` (activations quantized; weights per row or per tensor) -- bit-faithful up to
+float rounding of the final rescale::
+
+    x --(|x|max/qmax per token or tensor | PACT clip)--> codes (+128 as uint8, zero point
+      128: ORT's fast u8s8 kernels) --MatMulInteger(int8 W codes [K, N])--> int32
+      --Cast--> * s_x * s_w[N] + bias
+    asymmetric per tensor (8-bit): DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp)
+    (ORT fuses these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
+    asymmetric per token: codes and per-row zero points computed in-graph as training
+    does; MatMulInteger(x_u8, W) - zp * colsum(W) (exact int32; ORT's MatMulInteger
+    takes scalar zero points only)
+
+  W codes are stored packed (``qweight``, dqtool.qmath.pack layout); the graph unpacks them
+  with BitShift/BitwiseAnd/Cast/Transpose on the initializer only, which ONNX Runtime
+  constant-folds when the session starts: the file keeps 2/4 bits per weight, the
+  kernels see int8.
+
+``nbits`` (weight-only schemes, group-wise scales, or on request) -- ``MatMulNBits`` with
+the packed codes as ``B`` ([N, K/block, block*bits/8], identical bytes) and the scales
+repeated per block (exact: the same scale; ``seq``'s odd codes: twice the scale and the
+float zero point ``(2^b - 1) / 2``, exact as well, see :func:`_nbits_inputs`).
+Activations, when the scheme quantizes them, are fake-quantized in the graph first; with
+``accuracy_level=4`` ORT then re-quantizes A per block to int8 for speed (an approximation
+of training's grid), with ``accuracy_level=0`` it computes in float (faithful, slower for 2/8 bits). For 8-bit
+dynamic activations at level 4 the graph leaves the quantization to the kernel
+(:func:`kernel_quantizes_input`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dqtool.qmath.pack import odd_offset, row_bytes, unpack_method_codes, zero_point
+from dqtool.qmath.quant import QuantSpec, dequantize, fake_quant
+
+INTEGER, NBITS = "integer", "nbits"
+NBITS_BITS = (2, 4, 8)            # MatMulNBits CPU kernels in onnxruntime 1.32 (not 3)
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one Linear is exported (decided, and validated, before export)."""
+
+    path: str                  # integer | nbits
+    bits: int
+    in_features: int
+    out_features: int
+    a_bits: int | None         # None: activations stay float
+    a_symmetric: bool
+    clip: float                # learned PACT clip, 0.0 when dynamic
+    a_granularity: str = "token"  # dynamic range per token (row of the last dim) or per tensor
+    block_size: int = 0        # nbits only
+    accuracy_level: int = 4    # nbits only
+    odd_codes: bool = False    # seq weights: stored u = (code + 2^b - 1) / 2 (dqtool.qmath.pack.pack_odd_codes)
+
+    @property
+    def per_row(self) -> bool:
+        """One dynamic range per row of the input (per token); a learned clip is one range."""
+        return self.a_granularity == "token" and self.clip == 0
+
+
+def choose_block(spec: QuantSpec, k: int) -> int:
+    """MatMulNBits block size for a weight: its group size, or (row/tensor scales) the
+    largest of 32/16 dividing K; 0 when none fits.
+
+    Example:
+        >>> choose_block(QuantSpec.weight(4, "row"), 768), choose_block(QuantSpec.weight(4, "group", 64), 768)
+        (32, 64)
+    """
+    if spec.granularity == "group":
+        return spec.group_size if spec.group_size in BLOCK_SIZES else 0
+    for b in (32, 16):
+        if k % b == 0:
+            return b
+    return 0
+
+
+# --------------------------------------------------------------------------- symbolic helpers
+
+def _const(g, value, dtype):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _onnx_type(name: str) -> int:
+    import onnx
+
+    return getattr(onnx.TensorProto, name)
+
+
+def _reduce(g, op, x, per_token: bool):
+    # per token: over the last axis, kept as [..., 1]; per tensor: a scalar.
+    return g.op(op, x, _const(g, [-1], torch.int64), keepdims_i=1) if per_token else g.op(op, x, keepdims_i=0)
+
+
+def _token_zero_points(plan: LinearPlan) -> bool:
+    # Asymmetric per-token codes: one float zero point per row (see _act_codes).
+    return not plan.a_symmetric and plan.per_row
+
+
+def _act_grid(g, x, plan: LinearPlan):
+    """``(r, scale, zero_point)``: the activation's codes as float integers on training's grid
+    (symmetric ``-qmax..qmax``, zero point None; asymmetric per token ``0..2^b-1`` with a
+    float ``[..., 1]`` zero point), computed with the same float ops as
+    :func:`dqtool.qmath.quant.quantize` / ``activation_qparams``."""
+    f32 = torch.float32
+    if not plan.a_symmetric:
+        qmax = float(2 ** plan.a_bits - 1)
+        lo = g.op("Min", _reduce(g, "ReduceMin", x, True), _const(g, 0.0, f32))
+        hi = g.op("Max", _reduce(g, "ReduceMax", x, True), _const(g, 0.0, f32))
+        s = g.op("Max", g.op("Div", g.op("Sub", hi, lo), _const(g, qmax, f32)), _const(g, 1e-8, f32))
+        zp = g.op("Clip", g.op("Round", g.op("Div", g.op("Neg", lo), s)), _const(g, 0.0, f32), _const(g, qmax, f32))
+        r = g.op("Add", g.op("Round", g.op("Div", x, s)), zp)
+        return g.op("Clip", r, _const(g, 0.0, f32), _const(g, qmax, f32)), s, zp
+    qmax = 2 ** (plan.a_bits - 1) - 1
+    if plan.clip > 0:
+        c = torch.tensor(plan.clip, dtype=f32)
+        x = g.op("Clip", x, _const(g, -c.item(), f32), _const(g, c.item(), f32))
+        s = _const(g, (c / qmax).clamp_min(1e-8).item(), f32)
+    else:
+        amax = _reduce(g, "ReduceMax", g.op("Abs", x), plan.per_row)
+        s = g.op("Max", g.op("Div", amax, _const(g, float(qmax), f32)), _const(g, 1e-8, f32))
+    r = g.op("Round", g.op("Div", x, s))
+    if plan.clip > 0:
+        r = g.op("Clip", r, _const(g, float(-qmax), f32), _const(g, float(qmax), f32))
+    # (Dynamic ranges need no Clip: |x| <= max|x| = s * qmax, so |x / s| rounds to <= qmax.)
+    return r, s, None
+
+
+def _act_codes(g, x, plan: LinearPlan):
+    """``(codes uint8, scale, zero_point)`` of the activation for MatMulInteger.
+
+    The zero point is the uint8 scalar 128 (symmetric codes stored +128), the uint8
+    scalar of ``DynamicQuantizeLinear`` (asymmetric per tensor: exactly training's
+    quantizer), or -- asymmetric per token -- a float ``[..., 1]`` tensor, which
+    MatMulInteger cannot take (ORT: scalar zero points only) and :func:`_integer_matmul`
+    subtracts itself."""
+    if not plan.a_symmetric and not _token_zero_points(plan):
+        q, s, zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        return q, s, zp
+    r, s, zp = _act_grid(g, x, plan)
+    if zp is not None:
+        return g.op("Cast", r, to_i=_onnx_type("UINT8")), s, zp
+    # Stored as uint8 code + 128 with zero point 128: the same integers (MatMulInteger
+    # subtracts the zero point exactly), but ORT's fast u8s8 kernels instead of s8s8.
+    u = g.op("Cast", g.op("Add", r, _const(g, 128.0, torch.float32)), to_i=_onnx_type("UINT8"))
+    return u, s, _const(g, 128, torch.uint8)
+
+
+def _block_fake_quant_act(g, x, plan: LinearPlan):
+    """MatMulNBits' own int8 input quantizer written as float ops (for ``accuracy_level=0``, or
+    a block the kernel computes in float): per row and block of ``block_size`` inputs,
+    ``round(x * (127 / m)) * (m / 127)`` with ``m = max|x|`` (0 where ``m == 0``), as
+    :func:`dqtool.quant.quantize_activation_block`."""
+    f32 = torch.float32
+    xb = g.op("Reshape", x, _const(g, [-1, plan.block_size], torch.int64))          # [rows * K/B, B]
+    m = g.op("ReduceMax", g.op("Abs", xb), _const(g, [-1], torch.int64), keepdims_i=1)
+    qmax = _const(g, 127.0, f32)
+    s = g.op("Div", m, qmax)
+    inv = g.op("Where", g.op("Equal", m, _const(g, 0.0, f32)), _const(g, 0.0, f32), g.op("Div", qmax, m))
+    v = g.op("Mul", g.op("Round", g.op("Mul", xb, inv)), s)
+    return g.op("Reshape", v, g.op("Shape", x))
+
+
+def _fake_quant_act(g, x, plan: LinearPlan):
+    """The activation's dequantized value ``(codes - zero point) * scale`` (float ops only,
+    no integer casts: the input of MatMulNBits)."""
+    if plan.a_granularity == "block":
+        return _block_fake_quant_act(g, x, plan)
+    if not plan.a_symmetric and not _token_zero_points(plan):
+        return g.op("DequantizeLinear", *g.op("DynamicQuantizeLinear", x, outputs=3))
+    r, s, zp = _act_grid(g, x, plan)
+    return g.op("Mul", r if zp is None else g.op("Sub", r, zp), s)
+
+
+def _weight_codes_kn(g, qweight, plan: LinearPlan):
+    """int8 codes ``[K, N]`` from the packed ``[N, row_bytes]`` initializer (constant-folded by ORT)."""
+    bits, k, n = plan.bits, plan.in_features, plan.out_features
+    u = qweight
+    if bits != 8:
+        per = 8 // bits
+        shifts = _const(g, [i * bits for i in range(per)], torch.uint8)
+        u = g.op("BitShift", g.op("Unsqueeze", u, _const(g, [-1], torch.int64)), shifts, direction_s="RIGHT")
+        u = g.op("BitwiseAnd", u, _const(g, (1 << bits) - 1, torch.uint8))
+        u = g.op("Reshape", u, _const(g, [n, row_bytes(k, bits) * per], torch.int64))
+        u = g.op("Slice", u, _const(g, [0], torch.int64), _const(g, [k], torch.int64), _const(g, [1], torch.int64))
+    c = g.op("Cast", u, to_i=_onnx_type("INT32"))
+    if plan.odd_codes:
+        # seq: code = 2u - (2^b - 1), the odd int8 codes training used (scale alpha / 2^b): exact
+        c = g.op("Sub", g.op("Mul", c, _const(g, 2, torch.int32)), _const(g, odd_offset(bits), torch.int32))
+    else:
+        c = g.op("Sub", c, _const(g, zero_point(bits), torch.int32))
+    return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("INT8")), perm_i=[1, 0])
+
+
+def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
+    """MatMulNBits' ``B [N, K/block, blob]``, ``scales [N, K/block]`` and zero points (None:
+    the default ``2^(b-1)``) from the stored packed rows and scales (Reshape/Expand on
+    initializers: constant-folded by ORT, so the file holds each tensor once, also for a
+    tied lm_head).
+
+    seq (odd codes): value = code * s = (u - (2^b - 1)/2) * 2s, so the scales are ``2s``
+    and the zero points the float ``(2^b - 1) / 2`` (1.5 at 2 bits). ORT computes
+    ``u * 2s - zp * 2s``; both products and the difference are exact because the trained
+    alpha keeps ``b`` spare significand bits (:func:`dqtool.qmath.quant.seq_alpha`), so the
+    kernel's weights are the trained ones bit for bit. ORT runs float zero points in
+    float whatever the accuracy level (no int8 A kernel)."""
+    n, nb = plan.out_features, plan.in_features // plan.block_size
+    b = g.op("Reshape", qweight, _const(g, [n, nb, plan.block_size * plan.bits // 8], torch.int64))
+    if spec.granularity == "group":
+        s = scale
+    else:
+        col = g.op("Reshape", scale, _const(g, [-1, 1], torch.int64))          # [N, 1] or [1, 1]
+        s = g.op("Expand", col, _const(g, [n, nb], torch.int64))
+    zp = None
+    if plan.odd_codes:
+        s = g.op("Mul", s, _const(g, 2.0, torch.float32))                       # exact (power of two)
+        zp = g.op("Expand", _const(g, (2 ** plan.bits - 1) / 2, torch.float32), _const(g, [n, nb], torch.int64))
+    return b, s, zp
+
+
+def _integer_matmul(g, q, w, zp, plan: LinearPlan):
+    """int32 ``(q - zp) @ w``: MatMulInteger with a scalar zero point, or (per-token
+    zero points) without one, minus ``zp * colsum(w)`` -- exact in int32."""
+    if not _token_zero_points(plan):
+        return g.op("MatMulInteger", q, w, zp)
+    colsum = g.op("ReduceSum", g.op("Cast", w, to_i=_onnx_type("INT32")), _const(g, [0], torch.int64),
+                  keepdims_i=0)                                                     # [N], constant-folded
+    return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
+
+
+def kernel_int8_compute(bits: int, block_size: int) -> bool:
+    """Whether onnxruntime's MatMulNBits at ``accuracy_level=4`` really computes in int8 (and so
+    quantizes its input A per row and block) for these weights. Measured on onnxruntime 1.32
+    (x86-64, AVX-512 VNNI; ``tests/test_block_act.py`` checks it): 2-bit weights in blocks of 16 fall
+    back to float compute (A is used as is); every other 2/4/8-bit block size quantizes A.
+
+    Example:
+        >>> kernel_int8_compute(2, 16), kernel_int8_compute(2, 32), kernel_int8_compute(4, 16)
+        (False, True, True)
+    """
+    return not (bits == 2 and block_size < 32)
+
+
+def kernel_quantizes_input(plan: LinearPlan) -> bool:
+    """True when MatMulNBits quantizes the float input itself and the graph need not:
+    8-bit dynamic activations at ``accuracy_level=4``, where ORT's kernel rounds A to int8
+    per row and block of ``block_size`` inputs.
+
+    * activation granularity ``block`` (the block of the plan): this *is* training's
+      quantizer (:func:`dqtool.quant.quantize_activation_block`), so the graph is the one
+      MatMulNBits node and exact up to float sums;
+    * per token / per tensor: the kernel's grid is finer than training's, so
+      fake-quantizing first would only add a second rounding and a dozen small ops per
+      Linear per generated token (an approximation: measure it with the export check).
+    """
+    # (Not with float zero points -- seq weights --, which ORT runs in float at any level.)
+    if not (plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0
+            and not plan.odd_codes):
+        return False
+    return kernel_int8_compute(plan.bits, plan.block_size) or plan.a_granularity != "block"
+
+
+class _QLinearFn(torch.autograd.Function):
+    """Forward: the packed runtime's numerics. Symbolic: ORT's quantized ops."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias, plan: LinearPlan, spec: QuantSpec, aspec: QuantSpec | None):
+        if aspec is not None:
+            clip = torch.tensor(plan.clip, dtype=x.dtype) if plan.clip > 0 else None
+            x = fake_quant(x, aspec, clip)
+        codes = unpack_method_codes(qweight, plan.bits, plan.in_features, spec.method)  # [N, K] int8
+        s = scale if spec.granularity == "tensor" else scale.unsqueeze(-1)
+        return F.linear(x, dequantize(codes, s, spec), bias)
+
+    @staticmethod
+    def symbolic(g, x, qweight, scale, bias, plan: LinearPlan, spec, aspec):
+        if plan.path == INTEGER:
+            q, s, zp = _act_codes(g, x, plan)
+            y = _integer_matmul(g, q, _weight_codes_kn(g, qweight, plan), zp, plan)
+            y = g.op("Cast", y, to_i=_onnx_type("FLOAT"))
+            if plan.per_row:
+                # (y * s[..., 1]) * s_w[N]: not Mul(y, Mul(s, s_w)), which ORT would fuse into
+                # MatMulIntegerToFloat, whose kernel takes one A scale (wrong for per-row s).
+                y = g.op("Mul", g.op("Mul", y, s), scale)
+            else:
+                y = g.op("Mul", y, g.op("Mul", s, scale))
+        else:
+            a = x
+            if plan.a_bits is not None and not kernel_quantizes_input(plan):
+                a = _fake_quant_act(g, x, plan)
+            b, sc, zp = _nbits_inputs(g, qweight, scale, plan, spec)
+            zps = [zp] if zp is not None else []
+            y = g.op("com.microsoft::MatMulNBits", a, b, sc, *zps, K_i=plan.in_features, N_i=plan.out_features,
+                     bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
+        return g.op("Add", y, bias)
+
+
+def onnx_linear(linear, x: torch.Tensor, plan: LinearPlan) -> torch.Tensor:
+    """Forward of a packed Linear in export mode (:class:`dqtool.stages.export.OnnxLinear`).
+
+    ``linear`` holds the packed ``qweight`` / ``scale`` (or ``tied_to``, the embedding whose
+    buffers it shares), ``bias``, ``spec`` and ``act_spec``; its buffers stay under their
+    packed names, so they become ONNX initializers under those names, and a tied matrix is
+    one initializer. A Linear without bias adds a zero vector, so every exported Linear
+    has the same node pattern.
+    """
+    src = linear.tied_to if linear.tied_to is not None else linear
+    bias = linear.bias if linear.bias is not None else torch.zeros(plan.out_features, dtype=src.scale.dtype)
+    return _QLinearFn.apply(x, src.qweight, src.scale, bias, plan, linear.spec, linear.act_spec)

@@ -1,0 +1,53 @@
+"""Any model folder dqtool reads, as a model with Hugging Face's ``generate`` and a ``config``.
+
+The kind of folder is detected by :func:`dqtool.formats.detect` (most specific first) and
+every loader checks the folder against its manifest first (the one integrity policy of
+:mod:`dqtool.formats`), so ``eval``, ``bench`` and every other caller refuse the same
+folders with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dqtool import formats
+from dqtool.base.errors import DQToolError
+from dqtool.formats import hf, packed, qat
+from dqtool.model.weight_cache import set_weight_cache
+from dqtool.runtimes.ort import load_onnx
+
+
+def _load_qat(source: str):
+    model, tok = qat.load_qat(source)
+    set_weight_cache(model, "model")  # fake-quantize each weight once, not on every forward
+    return model, tok
+
+
+# kind name -> (source, threads) -> (model, tokenizer_or_None); each loader verifies first.
+LOADERS = {
+    "onnx": lambda source, threads: load_onnx(source, threads=threads),
+    "packed": lambda source, threads: packed.load_packed(source),
+    "qat": lambda source, threads: _load_qat(source),
+    "hf": lambda source, threads: hf.load_seq2seq(source),
+}
+
+
+def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+               need_tokenizer: bool = True):
+    """``(model, tokenizer, kind)`` of any model folder, ready for ``generate`` on ``device``.
+
+    ``threads``: ONNX Runtime's intra-op threads (default: torch's current thread count).
+
+    Example (needs a real folder, so not run as a doctest)::
+        model, tok, kind = load_model("runs/qat-2-2-8")   # kind == "qat"
+    """
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise DQToolError(f"--device {device} but no CUDA GPU is visible here: pass --device cpu")
+    name = formats.detect(source)
+    model, tok = LOADERS[name](str(source), threads if threads is not None else torch.get_num_threads())
+    if tok is None and need_tokenizer:
+        raise DQToolError(f"{source} has no tokenizer files: save the tokenizer into the model folder "
+                          f"(tokenizer.save_pretrained)")
+    return model.to(device).eval(), tok, name

@@ -1,0 +1,230 @@
+"""Stage 3, ``convert``: a QAT folder's fake-quant weights become true packed integers.
+
+    QAT folder --quantize_weight + pack (same math as training)--> packed folder
+
+``convert()`` = load, validate, pack, check, save (CTranslate2-style):
+
+1. load the QAT student with its fake quantization (:func:`dqtool.formats.qat.load_qat`);
+2. pack every quantized Linear and the token embedding (:func:`dqtool.model.packed.pack_model`);
+3. choose the dtype of the tensors that stay in floating point (layer norms, biases,
+   learned positions): ``auto`` takes float16 when the packed model's logits stay within
+   ``tolerance`` of the QAT model's and greedy tokens are identical on check inputs,
+   else float32 (which is bit-exact by construction, and checked);
+4. write the folder atomically with a manifest holding every file's hash, the
+   per-tensor scheme and the footprint.
+
+The packed folder's files, detection, loading (:func:`~dqtool.formats.packed.load_packed`) and integrity check are
+:mod:`dqtool.formats.packed`'s. Learned weight ranges (lsq / seq) are not stored there: the
+packed scales hold them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dqtool.base.config_error import ConfigError
+from dqtool.base.errors import DQToolError
+from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
+from dqtool.formats.packed import FLOAT_DTYPES, PACKED_FILE
+from dqtool.formats.packed import save as save_packed
+from dqtool.base.fsutil import locked
+from dqtool.model.weight_cache import WeightCache, set_weight_cache
+
+_COPIED = ("config.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """How to convert. Validated on construction.
+
+    Example:
+        >>> ConvertConfig().float_dtype
+        'auto'
+        >>> ConvertConfig(float_dtype="int8")
+        Traceback (most recent call last):
+        ...
+        dqtool.base.config_error.ConfigError: --float-dtype 'int8' is not supported: choose auto, float32, float16 or bfloat16
+    """
+
+    float_dtype: str = "auto"       # auto | float32 | float16 | bfloat16
+    tolerance: float = 1e-3         # auto: largest max|dlogit| / max|logit| accepted for float16
+    check_samples: int = 8          # random check inputs (token ids) for the float-dtype check
+    check_length: int = 24          # source tokens per check input; greedy decodes as many
+    weight_cache: str = "model"     # how the check's models keep their (de/fake-)quantized weights
+    teacher: str | None = None      # fp32 teacher for the ratio (default: the one the QAT manifest names)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.float_dtype != "auto" and self.float_dtype not in FLOAT_DTYPES:
+            raise ConfigError(f"{{float_dtype}} '{self.float_dtype}' is not supported: choose auto, "
+                              + ", ".join(list(FLOAT_DTYPES)[:-1]) + f" or {list(FLOAT_DTYPES)[-1]}")
+        if not self.tolerance > 0:
+            raise ConfigError(f"{{tolerance}} must be > 0, got {self.tolerance}")
+        if self.check_samples < 1 or self.check_length < 2:
+            raise ConfigError("{check_samples} must be >= 1 and {check_length} >= 2")
+        WeightCache(self.weight_cache)  # validates the mode
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out_dir: Path
+    wea: str
+    float_dtype: str
+    footprint: dict = field(default_factory=dict)
+    check: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- footprint
+
+def bit_bound(layout: dict, packed: dict, floats: dict) -> dict:
+    """The bytes this scheme needs at least: every code at its bit width (no padding),
+    plus scales and floats at their stored dtype.
+
+    Example:
+        >>> lay = {"l": {"kind": "linear", "bits": 2, "shape": [4, 10]}}
+        >>> t = {"l.qweight": torch.zeros(4, 3, dtype=torch.uint8), "l.scale": torch.zeros(4)}
+        >>> bit_bound(lay, t, {"b": torch.zeros(4, dtype=torch.float16)})
+        {'codes': 10, 'scales': 16, 'floats': 8, 'total': 34}
+    """
+    codes = sum(e["shape"][0] * e["shape"][1] * e["bits"] for e in layout.values() if e["kind"] != "tied")
+    scales = sum(t.numel() * t.element_size() for k, t in packed.items() if k.endswith(".scale"))
+    fl = sum(t.numel() * t.element_size() for t in floats.values())
+    out = {"codes": (codes + 7) // 8, "scales": scales, "floats": fl}
+    out["total"] = sum(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------- check
+
+def _check_inputs(config, cfg: ConvertConfig) -> torch.Tensor:
+    # Random ids above the special tokens (ids < 4 in BART/T5/Marian vocabularies).
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = int(config.vocab_size)
+    return torch.randint(min(4, vocab - 1), vocab, (cfg.check_samples, cfg.check_length), generator=g)
+
+
+@torch.no_grad()
+def compare(ref, model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Logits and greedy tokens of ``model`` against ``ref`` on ``ids``.
+
+    Returns ``max_abs`` and ``rel`` (max|dlogit| / max|logit|) of teacher-forced logits
+    and ``tokens_equal`` for greedy generation of ``new_tokens`` tokens.
+    """
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+    a = ref.generate(input_ids=ids, **gen)
+    b = model.generate(input_ids=ids, **gen)
+    la = ref(input_ids=ids, decoder_input_ids=a).logits
+    lb = model(input_ids=ids, decoder_input_ids=a).logits
+    diff = (la.float() - lb.float()).abs().max().item()
+    return {"max_abs": diff, "rel": diff / max(la.abs().max().item(), 1e-12), "bit_exact": torch.equal(la, lb),
+            "tokens_equal": bool(a.shape == b.shape and torch.equal(a, b)), "samples": int(ids.shape[0]),
+            "new_tokens": new_tokens}
+
+
+def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertConfig):
+    from dqtool.model.packed import build_packed_model
+
+    ids = _check_inputs(qat_model.config, cfg)
+    # Both sides keep their quantized weights between forwards (cfg.weight_cache "model"):
+    # the same tensors the forward would compute, so the check's verdict is unchanged, and
+    # at BART-base shape it takes seconds instead of minutes.
+    set_weight_cache(qat_model, cfg.weight_cache)
+    candidates = ["float16", "float32"] if cfg.float_dtype == "auto" else [cfg.float_dtype]
+    tried = {}
+    for name in candidates:
+        stored = {k: v.to(FLOAT_DTYPES[name]) for k, v in floats.items()}
+        model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
+        set_weight_cache(model, cfg.weight_cache)
+        model.generation_config = copy.deepcopy(qat_model.generation_config)
+        check = compare(qat_model, model, ids, cfg.check_length)
+        tried[name] = check
+        if name == "float32" and not check["bit_exact"]:
+            raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
+                              f"with float32 floats; this is a dqtool bug: please report it")
+        ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
+        del model
+        if ok or cfg.float_dtype != "auto":
+            set_weight_cache(qat_model, "none")  # frees the QAT side's kept weights
+            return name, stored, check, tried
+    raise AssertionError(f"float32 always passes: {tried}")
+
+
+# --------------------------------------------------------------------------- stage
+
+@locked("out_dir")
+def convert(qat_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: ConvertConfig | None = None,
+            force: bool = False) -> ConvertResult:
+    """Pack the QAT student in ``qat_dir`` into ``out_dir``.
+
+    Example (needs real folders, so not run as a doctest)::
+        r = convert("runs/qat-2-2-8", "runs/packed-2-2-8")
+        r.footprint["ratio_to_teacher"]   # e.g. 16.3
+    """
+    from safetensors.torch import load_file, save_file
+
+    from dqtool.formats.hf import describe_source, fp32_bytes
+    from dqtool.formats.qat import QSTATE_FILE, SCHEME_FILE, is_qat_folder, load_qat
+    from dqtool.model.packed import pack_model, skipped_float_keys
+    from dqtool.model.qmodules import activation_quantizer_state
+    from dqtool.model.registry import spec_for
+
+    cfg = cfg or ConvertConfig()
+    out = check_output(out_dir, force)
+    src = Path(qat_dir)
+    if not src.is_dir():
+        raise DQToolError(f"QAT folder {src} not found: pass the output folder of 'dqtool qat'")
+    if not is_qat_folder(src):
+        raise DQToolError(f"{src} has no {SCHEME_FILE}: pass the output folder of 'dqtool qat' (convert needs the "
+                          f"quantization scheme the student was trained with)")
+    model, tok = load_qat(src)  # every file checked against the QAT manifest first (one integrity policy)
+    qat_manifest = read_manifest(src)
+    scheme = model.dqtool_scheme
+    qpath = src / QSTATE_FILE
+    # Learned weight ranges (lsq / seq) are baked into the packed scales; the packed folder
+    # keeps only the activation quantizers' state.
+    qstate = activation_quantizer_state(load_file(str(qpath))) if qpath.is_file() else {}
+    packed, layout, floats = pack_model(model)
+    fdtype, stored, check, tried = _choose_float_dtype(model, packed, layout, floats, qstate, cfg)
+
+    teacher = cfg.teacher or ((qat_manifest or {}).get("inputs", {}).get("teacher", {}) or {}).get("path")
+    teacher_fp32 = fp32_bytes(teacher) if teacher else None
+    spec = spec_for(model.config)
+
+    with atomic_output(out, force=force) as tmp:
+        doc = {"architecture": spec.name,
+               "scheme": scheme.to_dict(), "wea": scheme.wea, "float_dtype": fdtype,
+               "scale_dtype": str(next((t.dtype for k, t in packed.items() if k.endswith(".scale")), "none")),
+               "layout": layout, "floats": sorted(stored),
+               "rebuilt_from_config": list(skipped_float_keys(spec)),
+               "quantizers": QSTATE_FILE if qstate else None}
+        save_packed(tmp, {**packed, **{k: v.contiguous() for k, v in stored.items()}}, doc)
+        for name in _COPIED:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        if qstate:
+            save_file({k: v.contiguous() for k, v in qstate.items()}, str(tmp / QSTATE_FILE))
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        weights = (tmp / PACKED_FILE).stat().st_size
+        bound = bit_bound(layout, packed, stored)
+        total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        footprint = {"packed_file_bytes": weights, "bound": bound,
+                     "over_bound": round(weights / bound["total"] - 1, 4),
+                     "folder_bytes_before_manifest": total,
+                     "teacher": teacher, "teacher_fp32_bytes": teacher_fp32,
+                     "ratio_to_teacher": round(teacher_fp32 / weights, 2) if teacher_fp32 else None}
+        write_manifest(tmp, "convert",
+                       inputs={"qat": describe_source(src),
+                               "qat_manifest_files": (qat_manifest or {}).get("files")},
+                       config=cfg,
+                       extra={"wea": scheme.wea, "float_dtype": fdtype, "check": check, "checks_tried": tried,
+                              "footprint": footprint,
+                              "tensors": {k: {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape)}
+                                          for k, v in {**packed, **stored}.items()}})
+    return ConvertResult(out, scheme.wea, fdtype, footprint, check)
