@@ -197,7 +197,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed for init, data order and dropout.")
 @click.option("--precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
               help="Mixed precision: auto = bf16/fp16 on CUDA, fp32 on CPU.")
-@click.option("--gradient-checkpointing", is_flag=True,
+@click.option("--gradient-checkpointing", is_flag=True, default=False,
               help="Recompute each layer's activations during the backward: activation memory of about one layer "
                    "instead of all of them, about 30% more compute.")
 @click.option("--teacher-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
