@@ -200,6 +200,12 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed for init, data order and dropout.")
 @click.option("--precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto", show_default=True,
               help="Mixed precision: auto = bf16/fp16 on CUDA, fp32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, default=False,
+              help="Recompute each layer's activations during the backward: activation memory of about one layer "
+                   "instead of all of them, about 30% more compute.")
+@click.option("--teacher-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="Storage dtype of the frozen teacher: auto = bfloat16 under bf16 mixed precision (GPU), else float32.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
 def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
@@ -248,8 +254,12 @@ def _kb(n: int | None) -> str:
                    "the 2-bit layout at load (ONNX: folded at session start); 2bit = four per byte.")
 @click.option("--teacher", default=None,
               help="fp32 teacher folder for the compression ratio (default: the teacher the QAT manifest records).")
+@click.option("--weight-cache", type=click.Choice(["model", "generate", "none"]), default="model", show_default=True,
+              help="How the float-dtype check keeps quantized weights between forwards: model = computed once "
+                   "(fast, a float copy in memory), none = recomputed every forward (least memory, minutes at "
+                   "BART-base).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage, teacher, force):
+def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage, teacher, weight_cache, force):
     """Pack the fake-quant weights of a 'dqtool qat' folder QAT into true integers in OUT.
 
     Prints the footprint: the weights file, the bit-count bound of the scheme, and the
@@ -258,7 +268,7 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
     from dqtool.stages.convert import ConvertConfig, convert as run_convert
 
     cfg = ConvertConfig(float_dtype=float_dtype, tolerance=tolerance, check_samples=check_samples, teacher=teacher,
-                        ternary_storage=ternary_storage)
+                        ternary_storage=ternary_storage, weight_cache=weight_cache)
     r = run_convert(qat_dir, out, cfg, force=force)
     f, c = r.footprint, r.check
     click.echo(f"packed student ({r.wea}) written to {r.out_dir}")

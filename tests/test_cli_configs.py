@@ -24,7 +24,8 @@ from dqtool.stages.convert import ConvertConfig
 from dqtool.stages.distill import DistillConfig
 from dqtool.stages.evaluate import PRESETS, EvalConfig
 from dqtool.stages.export import ACCURACY_LEVELS, EXTERNAL_DATA_CHOICES, MATMUL_CHOICES, ExportConfig
-from dqtool.stages.qat import PRECISIONS, TARGETS, QATConfig
+from dqtool.model.weight_cache import MODES as WEIGHT_CACHE_MODES
+from dqtool.stages.qat import PRECISIONS, TARGETS, TEACHER_DTYPES, QATConfig
 
 # command -> (the configs its options fill, in lookup order; option name -> field where they differ)
 COMMANDS = {
@@ -67,9 +68,11 @@ CHOICES = {
     ("qat", "logits_kind"): LOGIT_LOSSES,
     ("qat", "precision"): PRECISIONS,
     ("qat", "targets"): TARGETS,
+    ("qat", "teacher_dtype"): TEACHER_DTYPES,
     ("qat", "on_too_long"): TOO_LONG,
     ("convert", "float_dtype"): ("auto", *FLOAT_DTYPES),
     ("convert", "ternary_storage"): STORAGES,
+    ("convert", "weight_cache"): WEIGHT_CACHE_MODES,
     ("export", "matmul"): MATMUL_CHOICES,
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
     ("export", "external_data"): EXTERNAL_DATA_CHOICES,

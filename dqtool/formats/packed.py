@@ -85,12 +85,25 @@ def save(folder: Path, tensors: dict, doc: dict, version: int = FORMAT_VERSION) 
                                                  indent=1) + "\n")
 
 
-def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                cache: str = "model"):
     """``(model, tokenizer_or_None)`` of a packed folder, computing from the packed integers.
 
     Every file is checked against the manifest's hash first, so a truncated or edited
     folder is a one-line error, not garbage output. ``dtype`` is the compute dtype of
     floats and scales (float32 reproduces the QAT model bit for bit).
+
+    ``cache`` says how long dequantized weights are kept (:mod:`dqtool.model.weight_cache`);
+    the logits are bit for bit the same in every mode:
+
+    * ``"model"`` (default): dequantized once, on first use, and kept: generation as
+      fast as the float model, memory of the float model (4 bytes per quantized weight
+      in float32) on top of the packed codes;
+    * ``"generate"``: kept during each ``generate`` call, freed after it: the float
+      copy exists only while generating, each call pays one dequantization (about one
+      uncached forward);
+    * ``"none"``: dequantized on every forward (least memory, slowest: at BART-base
+      shape seconds per token on a CPU).
 
     Example (needs a real folder, so not run as a doctest)::
         model, tok = load_packed("runs/packed-2-2-8", device="cuda")
@@ -101,8 +114,10 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from dqtool.model.packed import build_packed_model, decode_storage
+    from dqtool.model.weight_cache import WeightCache, set_weight_cache
     from dqtool.qmath.scheme import QuantScheme
 
+    WeightCache(cache)  # an unknown mode is an error before any work
     p = Path(folder)
     if not is_packed_folder(p):
         raise DQToolError(f"{p} has no {LAYOUT_FILE}: pass a folder written by 'dqtool convert'")
@@ -131,7 +146,9 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception:
         tok = None
-    return model.to(device), tok
+    model = model.to(device)
+    set_weight_cache(model, cache)
+    return model, tok
 
 
 load = load_packed

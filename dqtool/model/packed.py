@@ -26,6 +26,10 @@ Numerics: :class:`PackedLinear` unpacks its codes and calls the very
 :func:`dqtool.qmath.quant.dequantize` that fake quantization uses, with the stored scale, and
 keeps the QAT activation quantizers; the packed model therefore reproduces the QAT
 model's logits bit for bit when floats are kept in float32.
+
+Speed: the dequantized weight can be kept between forwards (once per model, per
+``generate`` call, or never) by :func:`dqtool.model.weight_cache.set_weight_cache`; a kept
+weight is the very tensor the forward would compute, so the logits do not change.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dqtool.model.qmodules import (QuantEmbedding, QuantLinear, QuantPositionEmb
 from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
 from dqtool.model.registry import ArchSpec, get_module, spec_for
 from dqtool.qmath.scheme import QuantScheme
+from dqtool.model.weight_cache import cached, drop_entry
 
 
 def _scale_view(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -98,11 +103,25 @@ class PackedLinear(nn.Module):
         """The input's activation quantization spec (None: the input stays float)."""
         return getattr(self.act, "spec", None)
 
+    weight_cacheable = True  # see dqtool.model.weight_cache
+
     def weight(self) -> torch.Tensor:
-        """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit)."""
-        src = self.tied_to if self.tied_to is not None else self
-        codes = unpack_method_codes(src.qweight, self.spec.bits, self.in_features, self.spec.method)  # [out, in]
-        return dequantize(codes, _scale_view(src.scale, self.spec), self.spec)
+        """The dequantized weight ``[out, in]`` (fake-quant values, bit for bit).
+
+        Kept between calls when the model's weight cache allows (a tied lm_head shares
+        the embedding's kept table).
+        """
+        if self.tied_to is not None:
+            return self.tied_to.table()
+        return cached(self, (self.qweight, self.scale), self._dequantize)
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_method_codes(self.qweight, self.spec.bits, self.in_features, self.spec.method)  # [out, in]
+        return dequantize(codes, _scale_view(self.scale, self.spec), self.spec)
+
+    def _apply(self, fn, recurse=True):
+        drop_entry(self)  # moved or cast buffers: the kept weight is recomputed from them
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
         return F.linear(self.act(x), self.weight(), self.bias)
@@ -130,9 +149,24 @@ class PackedEmbedding(nn.Module):
         self.register_buffer("scale", scale)       # [V]
         self.embed_scale = embed_scale
 
+    weight_cacheable = True  # see dqtool.model.weight_cache
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
         codes = unpack_method_codes(self.qweight[ids], self.spec.bits, self.embedding_dim, self.spec.method)
         return (codes.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)) * self.embed_scale
+
+    def table(self) -> torch.Tensor:
+        """The whole dequantized table ``[V, d]`` (without ``embed_scale``): what a tied
+        lm_head multiplies by; kept between calls when the weight cache allows."""
+        return cached(self, (self.qweight, self.scale), self._dequantize)
+
+    def _dequantize(self) -> torch.Tensor:
+        codes = unpack_method_codes(self.qweight, self.spec.bits, self.embedding_dim, self.spec.method)  # [V, d]
+        return dequantize(codes, _scale_view(self.scale, self.spec), self.spec)
+
+    def _apply(self, fn, recurse=True):
+        drop_entry(self)
+        return super()._apply(fn, recurse)
 
 
 class PackedPositionEmbedding(nn.Module):

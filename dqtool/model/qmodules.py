@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from dqtool.qmath.quant import QuantSpec, fake_quant, init_weight_clip
 from dqtool.model.registry import ArchSpec, get_module, linears, spec_for
 from dqtool.qmath.scheme import QuantScheme
+from dqtool.model.weight_cache import cached
 
 ATTN_IMPL = "dqtool_qat"
 
@@ -100,9 +101,19 @@ class QuantLinear(nn.Module):
             self.weight_clip = None
         self.act = _ActQuant(aspec, learned_clip)
 
+    weight_cacheable = True  # inference only: see dqtool.model.weight_cache (never while the weight needs a gradient)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (fake-quantized): [out, in]."""
-        return self.weight if self.wspec is None else fake_quant(self.weight, self.wspec, self.weight_clip)
+        if self.wspec is None:
+            return self.weight
+        if self.weight_clip is None:  # the slot a tied embedding (same weight, same spec) shares
+            return cached(self, (self.weight,), lambda: fake_quant(self.weight, self.wspec),
+                          slot=("fake_quant", id(self.weight), self.wspec))
+        # A learned range (lsq / seq) is a source too: its own slot, stale when the range changes.
+        return cached(self, (self.weight, self.weight_clip),
+                      lambda: fake_quant(self.weight, self.wspec, self.weight_clip),
+                      slot=("fake_quant", id(self.weight), self.wspec, id(self.weight_clip)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         return F.linear(self.act(x), self.quantized_weight(), self.bias)
@@ -126,8 +137,12 @@ class QuantEmbedding(nn.Module):
         # BartScaledWordEmbedding multiplies by sqrt(d_model) when config.scale_embedding.
         self.embed_scale = getattr(emb, "embed_scale", 1.0)
 
+    weight_cacheable = True  # as QuantLinear; a tied lm_head and the aliases share one entry
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
-        table = self.weight if self.espec is None else fake_quant(self.weight, self.espec)
+        table = self.weight if self.espec is None else cached(
+            self, (self.weight,), lambda: fake_quant(self.weight, self.espec),
+            slot=("fake_quant", id(self.weight), self.espec))
         return F.embedding(ids, table, self.padding_idx) * self.embed_scale
 
 
@@ -174,6 +189,25 @@ class QuantPositionEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, offset={self.offset}, " \
                f"p={self.pspec.bits}b-{self.pspec.method}-row"
+def _act_kept(module, act: nn.Module, t: torch.Tensor, role: str) -> torch.Tensor:
+    """``act(t)``, reused while ``t`` is the same tensor at the same version (inference only).
+
+    Generation hands cross-attention the same cached key/value tensors at every step;
+    their quantized values are then computed once per ``generate`` call instead of once
+    per token (self-attention's cache grows, so it is a new tensor each step and simply
+    recomputed). Holds the last key/value of each attention module and their results.
+    """
+    clip = getattr(act, "clip", None)
+    if t.is_inference() or (torch.is_grad_enabled() and (t.requires_grad or (clip is not None and clip.requires_grad))):
+        return act(t)  # training, or a tensor without a version counter (inference mode: in place edits unseen)
+    key = (t._version, None if clip is None else (id(clip), clip._version))
+    kept = module.__dict__.setdefault("_dqtool_act_kept", {})
+    hit = kept.get(role)
+    if hit is not None and hit[0] is t and hit[1] == key:
+        return hit[2]
+    out = act(t)
+    kept[role] = (t, key, out)
+    return out
 
 
 def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, head_mask=None, **kwargs):
@@ -187,7 +221,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if act is not None:
-        query, key = act(query), act(key)
+        query, key = act(query), _act_kept(module, act, key, "key")
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
@@ -195,7 +229,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     if head_mask is not None:
         probs = probs * head_mask.view(1, -1, 1, 1)
     probs = F.dropout(probs, p=dropout, training=module.training)
-    probs_q, value = (act(probs), act(value)) if act is not None else (probs, value)
+    probs_q, value = (act(probs), _act_kept(module, act, value, "value")) if act is not None else (probs, value)
     out = torch.matmul(probs_q, value).transpose(1, 2).contiguous()
     return out, probs
 

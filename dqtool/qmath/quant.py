@@ -721,6 +721,8 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
         raise ValueError("block activation quantization is dynamic (MatMulNBits' own): clip is not supported")
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = torch.tensor(float(clip), dtype=x.dtype, device=x.device)
+    if not torch.is_grad_enabled() or not (x.requires_grad or (clip is not None and clip.requires_grad)):
+        return _fake_quant_value(x, spec, clip)   # inference: the same forward value, no autograd node
     return _FakeQuantSTE.apply(x, clip, spec)
 
 

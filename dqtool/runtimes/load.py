@@ -15,13 +15,21 @@ import torch
 from dqtool import formats
 from dqtool.base.errors import DQToolError
 from dqtool.formats import hf, packed, qat
+from dqtool.model.weight_cache import set_weight_cache
 from dqtool.runtimes.ort import load_onnx
+
+
+def _load_qat(source: str):
+    model, tok = qat.load_qat(source)
+    set_weight_cache(model, "model")  # fake-quantize each weight once, not on every forward
+    return model, tok
+
 
 # kind name -> (source, threads) -> (model, tokenizer_or_None); each loader verifies first.
 LOADERS = {
     "onnx": lambda source, threads: load_onnx(source, threads=threads),
     "packed": lambda source, threads: packed.load_packed(source),
-    "qat": lambda source, threads: qat.load_qat(source),
+    "qat": lambda source, threads: _load_qat(source),
     "hf": lambda source, threads: hf.load_seq2seq(source),
 }
 

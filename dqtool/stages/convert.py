@@ -39,6 +39,7 @@ from dqtool.formats.packed import FLOAT_DTYPES, PACKED_FILE
 from dqtool.model.packed import STORAGES
 from dqtool.formats.packed import save as save_packed
 from dqtool.base.fsutil import locked
+from dqtool.model.weight_cache import WeightCache, set_weight_cache
 
 FLOAT_GROUPS = ("positions", "other", "biases", "norms")   # greedy float16 order: largest first
 _COPIED = ("config.json", "generation_config.json")
@@ -61,6 +62,7 @@ class ConvertConfig:
     tolerance: float = 1e-3         # auto: largest max|dlogit| / max|logit| accepted for float16
     check_samples: int = 8          # random check inputs (token ids) for the float-dtype check
     check_length: int = 24          # source tokens per check input; greedy decodes as many
+    weight_cache: str = "model"     # how the check's models keep their (de/fake-)quantized weights
     teacher: str | None = None      # fp32 teacher for the ratio (default: the one the QAT manifest names)
     seed: int = 0
     # 2-bit code tables on disk: base3 = five codes per byte (1.6 bits per code), decoded to
@@ -78,6 +80,7 @@ class ConvertConfig:
         if self.ternary_storage not in STORAGES:
             raise ConfigError(f"{{ternary_storage}} '{self.ternary_storage}' is not supported: choose "
                               + " or ".join(STORAGES))
+        WeightCache(self.weight_cache)  # validates the mode
 
 
 @dataclass(frozen=True)
@@ -188,12 +191,17 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
 
     ids = _check_inputs(qat_model.config, cfg)
     groups = float_groups(qat_model, floats)
+    # Both sides keep their quantized weights between forwards (cfg.weight_cache "model"):
+    # the same tensors the forward would compute, so the check's verdict is unchanged, and
+    # at BART-base shape it takes seconds instead of minutes.
+    set_weight_cache(qat_model, cfg.weight_cache)
     tried = {}
 
     def attempt(label: str, dtypes: dict[str, str]):
         group_of = {k: g for g, keys in groups.items() for k in keys}
         stored = {k: v.to(FLOAT_DTYPES[dtypes[group_of[k]]]) for k, v in floats.items()}
         model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
+        set_weight_cache(model, cfg.weight_cache)
         model.generation_config = copy.deepcopy(qat_model.generation_config)
         check = compare(qat_model, model, ids, cfg.check_length)
         tried[label] = check
@@ -204,31 +212,34 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
         used = set(dtypes.values())
         return used.pop() if len(used) == 1 else "mixed"
 
-    if cfg.float_dtype != "auto":
-        dtypes = {g: cfg.float_dtype for g in groups}
-        _, stored, check = attempt(cfg.float_dtype, dtypes)
-        if cfg.float_dtype == "float32" and not check["bit_exact"]:
+    try:
+        if cfg.float_dtype != "auto":
+            dtypes = {g: cfg.float_dtype for g in groups}
+            _, stored, check = attempt(cfg.float_dtype, dtypes)
+            if cfg.float_dtype == "float32" and not check["bit_exact"]:
+                raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
+                                  f"with float32 floats; this is a dqtool bug: please report it")
+            return cfg.float_dtype, stored, check, tried, dtypes
+        all16 = {g: "float16" for g in groups}
+        ok, stored, check = attempt("float16", all16)
+        if ok:
+            return word(all16), stored, check, tried, all16
+        # Greedy per group: from float32 (exact), move each group to float16 while the check holds.
+        dtypes = {g: "float32" for g in groups}
+        ok, stored, check = attempt("float32", dtypes)
+        if not check["bit_exact"]:
             raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                               f"with float32 floats; this is a dqtool bug: please report it")
-        return cfg.float_dtype, stored, check, tried, dtypes
-    all16 = {g: "float16" for g in groups}
-    ok, stored, check = attempt("float16", all16)
-    if ok:
-        return word(all16), stored, check, tried, all16
-    # Greedy per group: from float32 (exact), move each group to float16 while the check holds.
-    dtypes = {g: "float32" for g in groups}
-    ok, stored, check = attempt("float32", dtypes)
-    if not check["bit_exact"]:
-        raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
-                          f"with float32 floats; this is a dqtool bug: please report it")
-    for g in FLOAT_GROUPS:
-        if g not in groups:
-            continue
-        trial = {**dtypes, g: "float16"}
-        ok, t_stored, t_check = attempt(f"float16:{g}", trial)
-        if ok:
-            dtypes, stored, check = trial, t_stored, t_check
-    return word(dtypes), stored, check, tried, dtypes
+        for g in FLOAT_GROUPS:
+            if g not in groups:
+                continue
+            trial = {**dtypes, g: "float16"}
+            ok, t_stored, t_check = attempt(f"float16:{g}", trial)
+            if ok:
+                dtypes, stored, check = trial, t_stored, t_check
+        return word(dtypes), stored, check, tried, dtypes
+    finally:
+        set_weight_cache(qat_model, "none")  # frees the QAT side's kept weights
 
 
 # --------------------------------------------------------------------------- stage

@@ -640,7 +640,9 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         from optimum.exporters.onnx import onnx_export_from_model
     except ImportError as e:
         raise DQToolError("dqtool export needs optimum's exporter: pip install 'dqtool[export]'") from e
-    model, tok = load_packed(src)  # every file checked against the packed manifest first
+    # every file checked against the packed manifest first; no weight cache: the traced
+    # graph must read the packed codes
+    model, tok = load_packed(src, cache="none")
     packed_manifest = read_manifest(src)
     plans = plan_linears(model, cfg)
     wea = packed_manifest.get("wea", "?")

@@ -46,6 +46,7 @@ from dqtool.base.fsutil import locked
 RUN_FILE = "dqtool-run.json"      # in OUT.partial/: what the run was started with (setup, inputs, processes)
 LOSS_FILE = "dqtool-loss.json"    # in each checkpoint: the sum of the step losses so far
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGETS = ("data", "teacher")
 
 
@@ -89,6 +90,8 @@ class QATConfig:
     precision: str = "auto"             # auto: bf16 on CUDA that supports it, else fp32
     logging_steps: int = 25
     targets: str = "data"               # data: the references | teacher: the teacher's outputs (sequence-level KD)
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory, ~30% slower
+    teacher_dtype: str = "auto"         # auto: bfloat16 under bf16 mixed precision (GPU), else float32
 
     FLAGS = {"learning_rate": "--lr"}  # ClassVar: command-line flags that differ from the field names
 
@@ -115,6 +118,9 @@ class QATConfig:
             raise ConfigError(f"{{targets}} '{self.targets}' is not supported: choose {' or '.join(TARGETS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{{precision}} '{self.precision}' is not supported: choose {', '.join(PRECISIONS)}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ConfigError(f"{{teacher_dtype}} '{self.teacher_dtype}' is not supported: choose "
+                              f"{', '.join(TEACHER_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ def _make_trainer_class():
                 if self.teacher.device != s_out.logits.device:
                     self.teacher.to(s_out.logits.device)
                 with torch.no_grad():
-                    t_out = self.teacher(**inputs, **extra)
+                    t_out = _as_dtype(self.teacher(**inputs, **extra), s_out.logits.dtype)
             labels = inputs["labels"]
             terms = distill_losses(s_out, t_out, lc, self.maps, inputs.get("attention_mask"), labels.ne(-100))
             if model.training:
@@ -340,6 +346,65 @@ def _make_trainer_class():
                 raise io_error(e, folder, hint=hint) from e
 
     return DistillTrainer
+
+
+def _as_dtype(out, dtype: torch.dtype):
+    """The teacher's float outputs in the student's dtype (a bf16 teacher beside a float32
+    student): logits, hidden states and attentions, in place on the output object."""
+    def cast(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+        if isinstance(v, tuple):
+            return tuple(cast(x) for x in v)
+        return v
+
+    for k in list(out.keys()):
+        out[k] = cast(out[k])
+    return out
+
+
+def teacher_dtype(cfg: QATConfig) -> torch.dtype:
+    """The frozen teacher's storage dtype: ``cfg.teacher_dtype``, or for ``auto`` bfloat16
+    when training runs under bf16 autocast (its matmuls already compute in bf16 there, so
+    its outputs stay what they were while its memory halves) and float32 otherwise (on
+    CPU a bf16 teacher would change the distillation targets; fp16 risks overflow)."""
+    if cfg.teacher_dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.teacher_dtype]
+    return torch.bfloat16 if _precision(cfg).get("bf16") else torch.float32
+
+
+def _unique_numel(params) -> int:
+    # By object: tied weights share one Parameter (data pointers are all 0 on the meta device).
+    seen, n = set(), 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def memory_estimate(model, t_model, cfg: QATConfig, train_ds):
+    """:func:`dqtool.model.memory.estimate` for this run: the prepared student, the teacher as
+    it will be held during training (None: not loaded), the longest rows of the data."""
+    from dqtool.model.memory import estimate
+    from dqtool.model.qmodules import QuantEmbedding, QuantLinear
+
+    quantized = _unique_numel([m.weight for m in model.modules()
+                               if (isinstance(m, QuantLinear) and m.wspec is not None)
+                               or (isinstance(m, QuantEmbedding) and m.espec is not None)])
+    src = max((len(r["input_ids"]) for r in train_ds), default=cfg.source_max_length)
+    tgt = max((len(r["labels"]) for r in train_ds), default=cfg.target_max_length)
+    prec = _precision(cfg)
+    mixed = "bf16" if prec.get("bf16") else "fp16" if prec.get("fp16") else None
+    lc = cfg.losses
+    return estimate(model.config, student_params=_unique_numel(model.parameters()), quantized_params=quantized,
+                    trainable_params=_unique_numel(p for p in model.parameters() if p.requires_grad),
+                    teacher_params=_unique_numel(t_model.parameters()) if t_model is not None else 0,
+                    teacher_bytes=next(t_model.parameters()).element_size() if t_model is not None else 4,
+                    batch=cfg.batch_size, source_len=src, target_len=tgt,
+                    device="cuda" if torch.cuda.is_available() else "cpu", mixed_precision=mixed,
+                    checkpointing=cfg.gradient_checkpointing, kl=lc.logits > 0 and lc.logits_kind == "kl",
+                    hidden_loss=lc.needs_hidden, attention_loss=lc.needs_attention)
 
 
 def _precision(cfg: QATConfig) -> dict:
@@ -497,6 +562,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
         greater_is_better=True if do_eval else None,
         predict_with_generate=True, generation_max_length=cfg_used.eval_max_length, generation_num_beams=cfg.eval_beams,
         report_to=[], dataloader_num_workers=0, save_safetensors=True, remove_unused_columns=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         # Off a terminal the Trainer prints its log lines (every --logging-steps) instead of a bar.
         disable_tqdm=not progress or not is_tty(),
         # Under torchrun on a machine without CUDA, accelerate would initialize a gloo process
@@ -527,6 +594,11 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
             targets = _cached_teacher_targets(t_model, train_ds, cfg_used, tok, teacher_src, cache, needed)
         if not cfg.losses.needs_teacher:
             t_model = None  # only its outputs were needed
+    if t_model is not None and teacher_dtype(cfg) != torch.float32:
+        t_model.to(teacher_dtype(cfg))  # after generating targets: those come from the float32 teacher
+    mem = memory_estimate(model, t_model, cfg, train_ds)
+    if is_main():
+        print(f"memory estimate (peak) for training:\n{mem.describe()}", flush=True)
     DistillTrainer = _make_trainer_class()
     trainer = DistillTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -577,6 +649,8 @@ def qat(student: str | os.PathLike, out_dir: str | os.PathLike, cfg: QATConfig, 
                               "world_size": world, "global_batch_size": global_batch,
                               "teacher_relabelled_rows": targets["changed"] if targets else None,
                               "teacher_targets": targets,
+                              "teacher_dtype": str(next(t_model.parameters()).dtype) if t_model is not None else None,
+                              "memory_estimate_bytes": mem.parts,
                               "lengths_used": {k: getattr(cfg_used, k) for k in
                                                ("source_max_length", "target_max_length", "eval_max_length")}})
     trainer.accelerator.wait_for_everyone()

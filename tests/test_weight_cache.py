@@ -1,0 +1,143 @@
+"""The weight cache: packed (and QAT) models keep their dequantized weights between
+forwards, with outputs bit for bit those of the uncached runtime, and never stale."""
+
+import copy
+
+import pytest
+import torch
+
+from dqtool.formats.packed import load_packed
+from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.base.errors import DQToolError
+from dqtool.model.packed import PackedEmbedding, PackedLinear
+from dqtool.formats.qat import load_qat
+from dqtool.model.weight_cache import cache_scope, set_weight_cache
+from test_convert import SCHEMES, _ids, make_qat
+from tiny import ARCHS
+
+
+def _packed(tmp_path, arch="bart", scheme="2-2-8"):
+    qat_dir = make_qat(tmp_path / "qat", arch, scheme)
+    convert(qat_dir, tmp_path / "packed", ConvertConfig(float_dtype="float32", check_samples=1, check_length=4))
+    return tmp_path / "packed"
+
+
+def _logits(model, ids, dec):
+    with torch.no_grad():
+        return model(input_ids=ids, decoder_input_ids=dec).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_cached_runtime_logits_bit_equal_to_uncached(tmp_path, arch, scheme):
+    folder = _packed(tmp_path, arch, scheme)
+    ref, _ = load_packed(folder, cache="none")   # the runtime as it was: dequantize on every forward
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    want = _logits(ref, ids, dec)
+    gen = dict(max_new_tokens=6, do_sample=False, num_beams=1)
+    want_gen = ref.generate(input_ids=ids, **gen)
+    assert ref.dqtool_weight_cache.entries() == 0
+    for mode in ("model", "generate"):
+        model, _ = load_packed(folder, cache=mode)
+        for _ in range(2):  # the second pass reads the kept weights (mode "model")
+            assert torch.equal(_logits(model, ids, dec), want), mode
+            assert torch.equal(model.generate(input_ids=ids, **gen), want_gen), mode
+        n_linear = sum(isinstance(m, PackedLinear) and m.tied_to is None for m in model.modules())
+        if mode == "model":
+            assert model.dqtool_weight_cache.entries() >= n_linear > 0
+        else:
+            assert model.dqtool_weight_cache.entries() == 0   # freed when generate returned
+
+
+def test_generate_mode_keeps_weights_only_inside_the_call(tmp_path):
+    model, _ = load_packed(_packed(tmp_path), cache="generate")
+    ctl = model.dqtool_weight_cache
+    seen = []
+    model.model.decoder.register_forward_hook(lambda *a: seen.append(ctl.entries()))
+    model.generate(input_ids=_ids(), max_new_tokens=3, do_sample=False)
+    assert seen and min(seen[1:]) > 0 and ctl.entries() == 0 and ctl.nbytes() == 0
+    _logits(model, _ids(), _ids(3, 2))            # a plain forward outside generate keeps nothing
+    assert ctl.entries() == 0
+    with cache_scope(model):
+        _logits(model, _ids(), _ids(3, 2))
+        assert ctl.entries() > 0 and ctl.nbytes() > 0
+    assert ctl.entries() == 0
+
+
+def test_tied_lm_head_shares_the_embedding_table(tmp_path):
+    model, _ = load_packed(_packed(tmp_path), cache="model")
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.model.shared, PackedEmbedding)
+    assert model.lm_head.weight() is model.model.shared.table()
+
+
+def test_cache_is_never_stale_after_buffers_change(tmp_path):
+    folder = _packed(tmp_path)
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    model, _ = load_packed(folder, cache="model")
+    ref, _ = load_packed(folder, cache="none")
+    assert torch.equal(_logits(model, ids, dec), _logits(ref, ids, dec))
+    # In place (load_state_dict copies into the buffers): scales and codes change.
+    other = {k: v.clone() for k, v in ref.state_dict().items()}
+    for k in other:
+        if k.endswith(".scale"):
+            other[k] = other[k] * 1.5
+        if k.endswith("fc1.qweight"):
+            other[k] = other[k].flip(0)
+    ref.load_state_dict(other)
+    model.load_state_dict(other)
+    assert torch.equal(_logits(model, ids, dec), _logits(ref, ids, dec))
+    # A reassigned buffer.
+    fc = model.model.encoder.layers[0].fc2
+    fc.scale = fc.scale * 0.5
+    ref.model.encoder.layers[0].fc2.scale = ref.model.encoder.layers[0].fc2.scale * 0.5
+    assert torch.equal(_logits(model, ids, dec), _logits(ref, ids, dec))
+    # .to(): moved/cast buffers drop the kept weights, which come back in the new dtype.
+    model.to(torch.float64)
+    ref.to(torch.float64)
+    assert model.dqtool_weight_cache.entries() == 0
+    got = _logits(model, ids, dec)
+    assert got.dtype == torch.float64 and torch.equal(got, _logits(ref, ids, dec))
+    assert model.model.encoder.layers[0].fc1.weight().dtype == torch.float64
+
+
+def test_deepcopy_of_a_cached_model_is_independent(tmp_path):
+    model, _ = load_packed(_packed(tmp_path), cache="generate")
+    ids = _ids()
+    twin = copy.deepcopy(model)
+    assert twin.dqtool_weight_cache is not model.dqtool_weight_cache
+    gen = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(twin.generate(input_ids=ids, **gen), model.generate(input_ids=ids, **gen))
+    assert twin.dqtool_weight_cache.entries() == 0
+
+
+def test_qat_model_cache_only_at_inference(tmp_path):
+    qat_dir = make_qat(tmp_path / "qat", "bart", "2-2-8")
+    ref, _ = load_qat(qat_dir)
+    model, _ = load_qat(qat_dir)
+    ctl = set_weight_cache(model, "model")
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    assert torch.equal(_logits(model, ids, dec), _logits(ref, ids, dec))
+    # One entry for the embedding, its aliases and the tied lm_head (same weight, same spec).
+    n_quant = sum(type(m).__name__ == "QuantLinear" and m.wspec is not None for m in model.modules())
+    assert ctl.entries() == n_quant
+    # Training: the weight needs a gradient, so nothing is read from or put in the cache ...
+    ctl.clear()
+    model.train()
+    out = model(input_ids=ids, decoder_input_ids=dec, labels=dec)
+    out.loss.backward()
+    assert ctl.entries() == 0 and model.model.encoder.layers[0].fc1.weight.grad is not None
+    # ... and an update of the weights (as an optimizer step makes) is seen by the next inference.
+    model.eval()
+    _logits(model, ids, dec)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.add_(0.01)
+            q.copy_(p)
+    assert torch.equal(_logits(model, ids, dec), _logits(ref, ids, dec))
+
+
+def test_unknown_cache_mode_is_one_line_error(tmp_path):
+    with pytest.raises(DQToolError, match="weight cache 'always'"):
+        load_packed(tmp_path, cache="always")
+    with pytest.raises(DQToolError, match="weight cache"):
+        ConvertConfig(weight_cache="fast")
