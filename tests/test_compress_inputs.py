@@ -232,9 +232,9 @@ def test_teacher_moved_with_the_same_bytes_is_not_a_change(pipeline, tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("teacher", "{root}/no-such-teacher", "recipe key 'teacher': model '{root}/no-such-teacher' not found"),
-    ("data", "{root}/no-such-data", "recipe key 'data': data path {root}/no-such-data does not exist"),
-    ("data", "{root}/data-no-test", "recipe key 'data': split 'test' not found in {root}/data-no-test: "
-                                   "available splits are train, validation"),
+    ("data", "{root}/no-such-data", "recipe key 'data': {root}/no-such-data not found"),
+    ("data", "{root}/data-no-test", "recipe key 'bench.split': split 'test' is not in {root}/data-no-test "
+                                   "(it has train, validation)"),
 ])
 def test_dry_run_checks_that_teacher_and_data_exist(tmp_path, tiny_dir, key, value, message):
     import yaml

@@ -566,7 +566,7 @@ def test_truncated_weights_are_one_line_through_each_command(env, ref_qat, packe
     root, data, _ = env
     src = {"student": root / "student", "qat": ref_qat, "packed": packed, "onnx": onnx_dir}[kind]
     weights = {"student": "model.safetensors", "qat": "model.safetensors", "packed": "packed.safetensors",
-               "onnx": "weights.onnx_data"}[kind]
+               "onnx": "onnx/weights.onnx_data"}[kind]
     bad = tmp_path / kind
     shutil.copytree(src, bad)
     _truncate(bad, weights)
@@ -588,7 +588,7 @@ def _flip(folder: Path, name: str) -> None:
 
 
 _FOLDERS = {"student": "model.safetensors", "qat": "model.safetensors", "packed": "packed.safetensors",
-            "onnx": "weights.onnx_data"}
+            "onnx": "onnx/weights.onnx_data"}
 
 
 def _reader_args(command, bad, out, data):
@@ -635,7 +635,7 @@ def test_onnx_runtime_load_error_is_one_line(onnx_dir, tmp_path):
 
     bad = tmp_path / "onnx"
     shutil.copytree(onnx_dir, bad)
-    _truncate(bad, "weights.onnx_data")
+    _truncate(bad, "onnx/weights.onnx_data")
     with pytest.raises(DQToolError) as e:
         OnnxSeq2Seq.from_folder(bad)
     assert "\n" not in str(e.value) and "re-export" in str(e.value)

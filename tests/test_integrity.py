@@ -20,7 +20,7 @@ from dqtool.stages.export import export
 from test_convert import make_qat
 
 # The file whose byte is flipped: the weights each kind's runtime reads.
-WEIGHTS = {"qat": "model.safetensors", "packed": "packed.safetensors", "onnx": "onnx/encoder_model.onnx_data",
+WEIGHTS = {"qat": "model.safetensors", "packed": "packed.safetensors", "onnx": "onnx/weights.onnx_data",
            "student": "model.safetensors"}
 
 

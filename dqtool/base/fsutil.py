@@ -149,6 +149,8 @@ def locked(arg: str = "out_dir"):
         def inner(*a, **kw):
             target = sig.bind(*a, **kw).arguments[arg]
             check_output_path(target)
+            if int(os.environ.get("RANK", "0") or 0) != 0:
+                return fn(*a, **kw)  # a worker of a multi-process run: the main process (rank 0) holds the lock
             with output_lock(target):
                 return fn(*a, **kw)
 
