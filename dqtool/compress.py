@@ -282,12 +282,10 @@ def _check_paths(top: dict) -> None:
 
 def _check_splits(data: str, qats: dict, bench) -> None:
     """Every split a stage will read exists in the data (checked now, not after distill ran)."""
-    from dqtool.data.pairs import available_splits
-
-    from dqtool.data.pairs import _is_datasets_folder
+    from dqtool.data.pairs import available_splits, is_datasets_folder
 
     p = Path(data)
-    if not p.is_dir() or _is_datasets_folder(p):
+    if not p.is_dir() or is_datasets_folder(p):
         return  # one file (or a one-split datasets folder) serves every split
     try:
         have = set(available_splits(p))

@@ -420,8 +420,9 @@ def test_stale_temp_folders_of_killed_runs_are_removed_on_the_next_run(env, tmp_
 # =========================================================================== 5. kills
 
 def test_a_worker_dies_with_its_parent():
-    code = ("import sys; from dqtool.base.fsutil import run_child\n"
-            "run_child([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'])")
+    code = ("import sys; from dqtool.base.fsutil import popen_child\n"
+            "popen_child([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); time.sleep(60)'])"
+            ".wait()")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     child = int(parent.stdout.readline())

@@ -12,7 +12,7 @@ die with their parent.
   (:func:`clean_stale_temps`).
 * :func:`io_error` turns an ``OSError`` (disk full, read-only, no permission) into one
   :class:`DQToolError` line naming the path.
-* :func:`run_child` runs a worker that is killed when its parent dies (Linux
+* :func:`popen_child` starts a worker that is killed when its parent dies (Linux
   ``PR_SET_PDEATHSIG``; elsewhere the worker's own parent poll is the fallback).
 """
 
@@ -258,11 +258,3 @@ def popen_child(cmd: list[str], **kw):
     import subprocess
 
     return subprocess.Popen(cmd, preexec_fn=die_with_parent if os.name == "posix" else None, **kw)
-
-
-def run_child(cmd: list[str], input: str | None = None, **kw):
-    """``subprocess.run(cmd, ...)`` whose child dies with this process (no orphan workers
-    left running after a ``kill -9``)."""
-    import subprocess
-
-    return subprocess.run(cmd, input=input, preexec_fn=die_with_parent if os.name == "posix" else None, **kw)

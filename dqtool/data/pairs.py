@@ -89,7 +89,7 @@ class Pairs:
         return len(self.sources)
 
 
-def _is_datasets_folder(p: Path) -> bool:
+def is_datasets_folder(p: Path) -> bool:
     return (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
 
 
@@ -104,7 +104,7 @@ def available_splits(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if p.is_file():
         return [p.stem]
-    if _is_datasets_folder(p):
+    if is_datasets_folder(p):
         if (p / "dataset_dict.json").is_file():
             return list(json.loads((p / "dataset_dict.json").read_text())["splits"])
         return ["train"]
@@ -147,7 +147,7 @@ def split_files(path: str | os.PathLike, split: str) -> dict[str, Path]:
             raise DQToolError(f"split '{split}' not found in {p}: available splits are {', '.join(have)}")
         files = {f.relative_to(p).as_posix(): f for f in sorted((p / split).rglob("*")) if f.is_file()}
         return {"dataset_dict.json": p / "dataset_dict.json", **files}
-    if _is_datasets_folder(p):  # one Dataset: every split is all of it
+    if is_datasets_folder(p):  # one Dataset: every split is all of it
         return {f.relative_to(p).as_posix(): f for f in sorted(p.rglob("*")) if f.is_file()}
     f = _split_file(p, split)
     return {f.name: f}
@@ -241,7 +241,7 @@ def load_pairs(path: str | os.PathLike, split: str, cfg: DataConfig, tokenizer=N
     if not p.exists():
         raise DQToolError(f"data path {p} does not exist: pass a folder of split files, a .jsonl/.csv/.tsv file "
                           f"or a datasets folder")
-    if p.is_dir() and _is_datasets_folder(p):
+    if p.is_dir() and is_datasets_folder(p):
         rows, src_path, where_file, unit = _rows_datasets(p, split), p, f"{p} [{split}]", "row"
     else:
         f = p if p.is_file() else _split_file(p, split)

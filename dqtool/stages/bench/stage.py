@@ -625,7 +625,7 @@ def _worker(payload: str) -> None:
 
 
 def _bench(models: list[str], out: Path, cfg: BenchConfig, force: bool, log) -> BenchResult:
-    from dqtool.formats.hf import describe_source, fp32_bytes
+    from dqtool.formats.hf import fp32_bytes
     from dqtool.formats.manifest import atomic_output, write_manifest
 
     with atomic_output(out, force=force) as tmp:
