@@ -217,6 +217,11 @@ def test_shipped_recipes_validate():
     demo = load_recipe(root / "demo.yaml")
     assert {c.targets for c in demo.qats.values()} == {"teacher"}
     assert {c.scheme.act_granularity for c in demo.qats.values()} == {"token"}
+    # issue 15: the 2-bit student's weights are a learned ternary (lsq), 8-bit ones min-max
+    assert {w: c.scheme.weight_spec().method for w, c in demo.qats.items()} == {"2-2-8": "lsq", "8-8-8": "minmax"}
+    for p in sorted((root / "paper-demo").glob("*.yaml")):   # the paper's table on the demo teacher
+        r = load_recipe(p, check_paths=False)
+        assert r.qats["2-2-8"].scheme.weight_spec().method == "lsq" and r.qats["2-2-8"].learning_rate == 2e-3, p
     papers = sorted((root / "paper").glob("*.yaml"))
     assert len(papers) == 3
     for p in papers:
