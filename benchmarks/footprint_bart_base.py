@@ -185,7 +185,8 @@ def main() -> None:
              f"`dqtool convert` defaults (2-bit codes in base 3, float16 per float group where the check "
              f"passes), `dqtool export` defaults. Folder bytes = every file (weights, layout or graphs, "
              f"config, manifest; no tokenizer). Bound = codes at their bits (base 3: log2 3 per code), scales "
-             f"and floats at their stored dtype.", "",
+             f"and floats at their stored dtype. Command: `.venv/bin/python benchmarks/footprint_bart_base.py` "
+             f"(x86_64, 2 cores; sizes do not depend on the machine).", "",
              "| student | W-E-A | packed folder MB | ONNX folder MB | bound MB | codes | scales | floats | "
              "positions | packed over bound | ONNX over bound | x smaller (packed) | x smaller (ONNX) | floats as |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
