@@ -249,8 +249,9 @@ def list_cells(args) -> None:
 
 # Published relative points (BART-base on XSUM, 6+6 teacher), for the size-vs-quality plot.
 PAPER_POINTS = [
-    {"label": "DQ-BART 2-2-8 (6-6, BART-base/XSUM)", "ratio": 13.4, "drop_pct": 9.1},
-    {"label": "TBT 2-2-8 (BART-base/XSUM; ratio as DQ-BART's, same bits)", "ratio": 13.4, "drop_pct": 3.4},
+    {"label": "DQ-BART 2-2-8 (6-6, BART-base/XSUM)", "ratio": 13.4, "drop_pct": 9.1, "kind": "paper"},
+    {"label": "TBT 2-2-8 (BART-base/XSUM; ratio taken as DQ-BART's, same bits)", "ratio": 13.4, "drop_pct": 3.4,
+     "kind": "tbt"},
 ]
 
 
@@ -285,7 +286,7 @@ ABLATIONS = [
     ("no layer copy (random init)", {"m": "lsq", "lr": "2e-3", "init": "random"}),
     ("lever alone: lsq (lr 5e-4)", {"m": "lsq"}),
     ("lever alone: lr 2e-3 (ternary)", {"lr": "2e-3"}),
-    ("lever alone: E=4 (ternary weights... lsq, lr 5e-4, 2-4-8)", {"m": "lsq", "wea": "2-4-8"}),
+    ("E=4 on top of lsq at lr 5e-4 (2-4-8; vs the lsq lr 5e-4 row)", {"m": "lsq", "wea": "2-4-8"}),
 ]
 
 
@@ -386,7 +387,7 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 6.4))
     colors = {"3+3": "tab:blue", "3+2": "tab:orange", "3+1": "tab:green"}
     marks = {"8-8-8": "o", "4-4-8": "s", "2-2-8 ternary": "v", "2-2-8 four-level (seq)": "D",
              "2-2-8 learned ternary (lsq)": "*"}
@@ -397,17 +398,26 @@ def plot(out: dict, path: Path) -> None:
         d, scheme = label.split(" ", 1)
         ax.errorbar(fp["ratio_to_teacher"], st["drop_pct"], yerr=(st["rougeL_std"] or 0) / out["teacher"]["rougeL"] * 100,
                     fmt=marks.get(scheme, "o"), color=colors.get(d, "k"), ms=8, capsize=3,
-                    label=f"demo {d} {scheme}")
+                    label=f"demo {d} {scheme}, lr 2e-3")
+    for label in ("ternary (TWN), lr 5e-4 [before]", "seq four-level, lr 5e-4", "lsq learned ternary, lr 5e-4"):
+        g = out["sections"]["seeds"].get(label)
+        if g and g["stats"] and g["footprint"]:
+            st = g["stats"]
+            ax.errorbar(g["footprint"]["ratio_to_teacher"], st["drop_pct"],
+                        yerr=(st["rougeL_std"] or 0) / out["teacher"]["rougeL"] * 100, capsize=3, ms=7,
+                        fmt={"t": "v", "s": "D", "l": "*"}[label[0]], color="gray", mfc="none",
+                        label=f"demo 3+2 2-2-8 {label.split(',')[0]}, lr 5e-4")
     for p in out["paper_points"]:
-        ax.plot(p["ratio"], -p["drop_pct"], "x" if "DQ" in p["label"] else "P", color="k" if "DQ" in p["label"]
-                else "tab:red", ms=10, label=p["label"])
+        paper = p["kind"] == "paper"
+        ax.plot(p["ratio"], -p["drop_pct"], "X" if paper else "P", color="k" if paper else "tab:red", ms=10,
+                label=p["label"])
     ax.axhline(-5, color="gray", ls="--", lw=1)
-    ax.text(1.2, -4.7, "-5% of the teacher's ROUGE-L", color="gray", fontsize=8)
+    ax.text(3.6, -4.8, "-5% of the teacher's ROUGE-L", color="gray", fontsize=8)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("x smaller than the fp32 teacher (packed weights)")
     ax.set_ylabel("ROUGE-L relative to the teacher (%)")
-    ax.set_title("Size vs quality: demo teacher (3+3, d=128) vs published BART-base/XSUM points")
-    ax.legend(fontsize=6.5, loc="lower left", ncol=2)
+    ax.set_title("Size vs quality on the demo teacher (3+3, d=128), beside published points", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
