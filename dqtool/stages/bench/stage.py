@@ -487,10 +487,14 @@ def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force
     from dqtool.formats.manifest import check_output
 
     out = check_output(out_dir, force)
+    from dqtool.runtimes.beamgraph import is_generation_graph, model_root
+
     for m in models:
-        if not Path(m).is_dir():
-            raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained")
-    _check_positions([*models, cfg.teacher, cfg.student], cfg)
+        if not Path(m).is_dir() and not is_generation_graph(m):
+            raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained "
+                              f"(or an exported onnx/generation_model.onnx)")
+    _check_positions([*(model_root(m) if is_generation_graph(m) else m for m in models), cfg.teacher, cfg.student],
+                     cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
