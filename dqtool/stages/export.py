@@ -650,12 +650,14 @@ def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
     ids[0, cfg.check_length // 2:] = gc.pad_token_id if gc.pad_token_id is not None else 0
     result = {"file": path.name, "bytes": path.stat().st_size, "samples": cfg.check_samples}
     beams = max(2, int(gc.num_beams))
-    for name, kw in (("greedy", {"num_beams": 1}), (f"beam{beams}", {"num_beams": beams})):
+    # a greedy config's graph stops at the first finished hypotheses (the op's early_stopping 1)
+    stop = True if gc.num_beams == 1 else gc.early_stopping
+    for name, kw in (("greedy", {"num_beams": 1}), (f"beam{beams}", {"num_beams": beams, "early_stopping": stop})):
+        # keyword arguments, not a GenerationConfig: a passed config's default values (num_beams 1)
+        # would give way to the folder's (Hugging Face's rule)
         kw = dict(kw, max_new_tokens=cfg.check_length)
         run_gc = resolve_generation_config(ref, None, dict(kw))
-        if kw["num_beams"] > 1 and gc.num_beams == 1:
-            run_gc.early_stopping = True  # a greedy config's graph stops at the first hypotheses (op attribute)
-        want = ref.generate(input_ids=ids, attention_mask=mask, generation_config=run_gc).numpy()
+        want = ref.generate(input_ids=ids, attention_mask=mask, **kw).numpy()
         got = graph.run(ids.numpy(), mask.numpy(), run_gc)[:, 0]
         expect = expected_sequences(want, run_gc)
         if got.shape != expect.shape or not (got == expect).all():
