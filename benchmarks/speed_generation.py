@@ -14,7 +14,7 @@ Each target is measured by ``dqtool bench``'s ``measure`` (encoder, greedy gener
 that each step fits one acquisition of the shared CPU lock::
 
     python benchmarks/speed_generation.py --shape demo --teacher runs/demo/teacher --build
-    python benchmarks/speed_generation.py --shape demo --target 0     # ... one per target
+    python benchmarks/speed_generation.py --shape demo --target 0-5   # targets 0..5, one lock each group
     python benchmarks/speed_generation.py --shape demo --report       # JSON + Markdown
 """
 
@@ -53,7 +53,7 @@ def args_():
     ap.add_argument("--source-tokens", type=int, default=64)
     ap.add_argument("--peers", default=PEERS)
     ap.add_argument("--build", action="store_true", help="build students, exports and peers")
-    ap.add_argument("--target", type=int, help="measure target K (saved under WORK/rows)")
+    ap.add_argument("--target", help="measure target K, or targets K-L (saved under WORK/rows)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
@@ -144,8 +144,13 @@ def measure_one(a, k: int) -> None:
     from dqtool.stages.bench.stage import measure
 
     torch.set_num_threads(a.threads)
+    import os
+
     t = targets(a)[k]
+    before = os.getloadavg()[0]
     row = measure(t, bench_cfg(a))
+    # the machine is shared: the 1-minute load average around the measurement says how busy it was
+    row["loadavg_1min"] = [round(before, 2), round(os.getloadavg()[0], 2)]
     (a.work / "rows").mkdir(exist_ok=True)
     (a.work / "rows" / f"{k:02d}.json").write_text(json.dumps(row, indent=1) + "\n")
     lat = row["latency"]
@@ -224,15 +229,16 @@ def markdown(rep: dict) -> str:
              f"(generate - encoder) / tokens; the BeamSearch graph's encoder is timed with the folder's encoder "
              f"graph (the same ops its encoder subgraph runs).", "",
              "| model | MB | b1 encoder ms | b1 ms/token | b1 generate ms | b8 ms/token | b8 generate ms | b8 tokens/s "
-             "| b1 generate vs fastest |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| b1 generate vs fastest | load avg (before, after) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rep["rows"], key=lambda r: lat(r, 1, "generate", "median_ms")):
         e = lat(r, 1, "encoder", "median_ms")
         lines.append(
             f"| {r['name']} | {r['bytes']['total'] / 1e6:.2f} | {'' if e is None else f'{e:.2f}'} | "
             f"{lat(r, 1, 'decode_per_token', 'median_ms'):.3f} | {lat(r, 1, 'generate', 'median_ms'):.1f} | "
             f"{lat(r, 8, 'decode_per_token', 'median_ms'):.3f} | {lat(r, 8, 'generate', 'median_ms'):.1f} | "
-            f"{lat(r, 8, 'tokens_per_s')} | {lat(r, 1, 'generate', 'median_ms') / ref[1]:.2f}x |")
+            f"{lat(r, 8, 'tokens_per_s')} | {lat(r, 1, 'generate', 'median_ms') / ref[1]:.2f}x | "
+            f"{r.get('loadavg_1min', '')} |")
     pw = rep["per_token_weights"]
     lines += ["", f"Weight-bandwidth bound: a decode step reads {pw['total'] / 1e6:.2f}M weights (decoder Linears "
               f"{pw['decoder_linears'] / 1e6:.2f}M, lm_head {pw['lm_head'] / 1e6:.2f}M); one-thread copy bandwidth "
@@ -252,7 +258,9 @@ def main() -> None:
     if a.build:
         build(a)
     if a.target is not None:
-        measure_one(a, a.target)
+        lo, _, hi = a.target.partition("-")
+        for k in range(int(lo), int(hi or lo) + 1):
+            measure_one(a, k)
     if a.report:
         report(a)
     if not (a.build or a.target is not None or a.report):
