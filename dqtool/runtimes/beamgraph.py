@@ -139,7 +139,8 @@ def _dims(vi):
     return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
 
 
-def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file: str = GENERATION_FILE) -> Path:
+def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file: str = GENERATION_FILE,
+                           heads: int | None = None, head_dim: int | None = None, vocab: int | None = None) -> Path:
     """Write ``gdir/out_file``: the BeamSearch graph around ``gdir``'s encoder and merged decoder.
 
     ``generation_config``: the resolved config (its token ids become the op's attributes; the
@@ -248,10 +249,12 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
 
     # -- shapes ORT reads from the subgraph outputs: heads and head size (numeric), vocabulary
     dec_out = {v.name: v for v in dec.graph.output}
+    # from the graph where its shapes are fixed, else the model config's (passed in)
     logits_dims = _dims(dec_out["logits"])
-    vocab = logits_dims[-1]
     kdims = _dims(dec_out[f"present.{layers[0]}.decoder.key"])
-    heads, head_dim = kdims[1], kdims[3]
+    vocab = logits_dims[-1] if isinstance(logits_dims[-1], int) and logits_dims[-1] > 0 else vocab
+    heads = kdims[1] if isinstance(kdims[1], int) and kdims[1] > 0 else heads
+    head_dim = kdims[3] if isinstance(kdims[3], int) and kdims[3] > 0 else head_dim
     if not all(isinstance(x, int) and x > 0 for x in (vocab, heads, head_dim)):
         raise DQToolError(f"{MERGED_FILE}: vocabulary, heads or head size not fixed in the graph; re-export the folder")
     F, I32 = TensorProto.FLOAT, TensorProto.INT32

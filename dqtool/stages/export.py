@@ -640,7 +640,11 @@ def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
     if why:
         raise DQToolError(f"--generation-graph beam: {why}")
     hidden = int(getattr(ref.config, "d_model", 0) or getattr(ref.config, "hidden_size"))
-    path = build_generation_graph(graph_folder(folder), gc, hidden)
+    dec_cfg = getattr(ref.config, "decoder", ref.config)
+    heads = getattr(dec_cfg, "decoder_attention_heads", None) or getattr(dec_cfg, "num_heads", None)
+    head_dim = getattr(dec_cfg, "d_kv", None) or (hidden // heads if heads else None)
+    path = build_generation_graph(graph_folder(folder), gc, hidden, heads=heads, head_dim=head_dim,
+                                  vocab=int(ref.config.vocab_size))
     graph = GenerationGraph.from_folder(folder, threads=1)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     vocab = int(ref.config.vocab_size)
