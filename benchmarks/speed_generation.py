@@ -52,6 +52,7 @@ def args_():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--source-tokens", type=int, default=64)
     ap.add_argument("--peers", default=PEERS)
+    ap.add_argument("--no-teacher", action="store_true", help="leave the PyTorch fp32 teacher row out")
     ap.add_argument("--build", action="store_true", help="build students, exports and peers")
     ap.add_argument("--target", help="measure target K, or targets K-L (saved under WORK/rows)")
     ap.add_argument("--report", action="store_true")
@@ -135,7 +136,8 @@ def targets(a):
         out.append(folder_target(onnx, "dqtool", a.threads, f"dqtool {a.student} {wea} (ONNX, decoder runtime)"))
         out.append(folder_target(onnx / "onnx" / GENERATION_FILE, "dqtool", a.threads,
                                  f"dqtool {a.student} {wea} (ONNX, one BeamSearch graph)"))
-    out.append(folder_target(a.work / "teacher", "teacher", a.threads, "teacher fp32 (PyTorch)"))
+    if not a.no_teacher:
+        out.append(folder_target(a.work / "teacher", "teacher", a.threads, "teacher fp32 (PyTorch)"))
     out += build_peers(cfg.peers, cfg.teacher, cfg.student, a.work / "peers", a.threads, log=lambda m: None)
     return out
 
@@ -200,6 +202,7 @@ def report(a) -> None:
            "weight_bandwidth_bound": bounds, "rows": rows,
            "act_granularity": a.act_granularity,
            "command": f"benchmarks/speed_generation.py --shape {a.shape} --student {a.student} --schemes {a.schemes} "
+                      f"--peers {a.peers} {'--no-teacher ' if a.no_teacher else ''}"
                       f"--act-granularity {a.act_granularity} "
                       f"--threads {a.threads} --runs {a.runs} --new-tokens {a.new_tokens} --source-tokens "
                       f"{a.source_tokens} (--build, --target K for each target, --report; each under "
