@@ -57,6 +57,7 @@ def args_():
     ap.add_argument("--target", help="measure target K, or targets K-L (saved under WORK/rows)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--note", default="", help="a sentence for the report (e.g. how busy the machine was)")
     a = ap.parse_args()
     a.work = a.work or Path(f"runs/speed_generation_{a.shape.replace('-', '_')}")
     a.student = a.student or ("3-2" if a.shape == "demo" else "6-3")
@@ -199,7 +200,7 @@ def report(a) -> None:
            "shape": a.shape, "student": a.student, "threads": a.threads, "source_tokens": a.source_tokens,
            "new_tokens": a.new_tokens, "runs": a.runs, "batch_sizes": [1, 8], "copy_bandwidth_gbs": round(bw, 2),
            "per_token_weights": {"decoder_linears": layers, "lm_head": head, "total": total},
-           "weight_bandwidth_bound": bounds, "rows": rows,
+           "weight_bandwidth_bound": bounds, "rows": rows, "note": a.note,
            "act_granularity": a.act_granularity,
            "command": f"benchmarks/speed_generation.py --shape {a.shape} --student {a.student} --schemes {a.schemes} "
                       f"--peers {a.peers} {'--no-teacher ' if a.no_teacher else ''}"
@@ -232,7 +233,8 @@ def markdown(rep: dict) -> str:
              f"(generate - encoder) / tokens; the BeamSearch graph's encoder is timed with the folder's encoder "
              f"graph (the same ops its encoder subgraph runs). With the config's forced EOS the BeamSearch "
              f"graph runs one decoder step fewer than the step-by-step runtimes (the op is given max_length - 1 "
-             f"and the forced EOS is appended: the same tokens), about 1/{rep['new_tokens']} of the decode time.", "",
+             f"and the forced EOS is appended: the same tokens), about 1/{rep['new_tokens']} of the decode time."
+             + (f" {rep['note']}" if rep.get("note") else ""), "",
              "| model | MB | b1 encoder ms | b1 ms/token | b1 generate ms | b8 ms/token | b8 generate ms | b8 tokens/s "
              "| b1 generate vs fastest | load avg (before, after) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
