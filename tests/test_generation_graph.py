@@ -147,3 +147,15 @@ def test_export_refuses_a_config_the_op_cannot_run(beam_export, tmp_path):
     with pytest.raises(DQToolError, match=r"^--generation-graph beam: forced_bos_token_id 0 is not supported"):
         export(edited, tmp_path / "onnx", ExportConfig(generation_graph="beam"))
     assert not (tmp_path / "onnx").exists()
+
+
+def test_recipe_key_export_generation_graph():
+    from dqtool.base.config_error import ConfigError
+    from dqtool.base.errors import DQToolError as Err
+    from dqtool.compress import recipe_from_dict
+
+    base = {"teacher": "t", "data": "d", "work": "w", "schemes": ["2-2-8"]}
+    rec = recipe_from_dict({**base, "export": {"generation_graph": "beam"}}, check_paths=False)
+    assert rec.export.generation_graph == "beam"
+    with pytest.raises((ConfigError, Err), match="generation_graph 'greedy' is not supported: choose none, beam"):
+        recipe_from_dict({**base, "export": {"generation_graph": "greedy"}}, check_paths=False)
