@@ -303,8 +303,12 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
               help="per-graph = onnx/<graph>.onnx_data, what transformers.js loads in Node and browsers (the tied "
                    "embedding stored twice); shared = one onnx/weights.onnx_data (stored once; onnxruntime, optimum, "
                    "dqtool and transformers.js in Node load it).")
+@click.option("--generation-graph", type=click.Choice(["none", "beam"]), default="none", show_default=True,
+              help="beam = also write onnx/generation_model.onnx: the whole generation (greedy = 1 beam, beam search) "
+                   "in one graph, ONNX Runtime's BeamSearch op around the same quantized encoder/decoder and weights; "
+                   "validated to give the ONNX runtime's tokens.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, force):
+def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, generation_graph, force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
@@ -312,7 +316,8 @@ def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, f
     from dqtool.stages.export import ExportConfig, export as run_export
 
     r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
-                                                       lut_gemm=lut_gemm, external_data=external_data),
+                                                       lut_gemm=lut_gemm, external_data=external_data,
+                                                       generation_graph=generation_graph),
                    force=force)
     c, s = r.check, r.sizes
     click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "
@@ -323,6 +328,11 @@ def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, f
     click.echo(f"  vs packed PyTorch: encoder max |d| {c['encoder_max_abs']:.3g}, logits max |d| "
                f"{c['decoder_logits_max_abs']:.3g} ({c['decoder_logits_rel']:.2%}), argmax tokens "
                + ("identical" if c['argmax_equal'] else f"agree at {c['argmax_agreement']:.1%} of positions"))
+    if c.get("generation_graph"):
+        gg = c["generation_graph"]
+        click.echo(f"  generation graph onnx/{gg['file']} ({_kb(gg['bytes'])}, weights shared): "
+                   + ", ".join(f"{k} {v}" for k, v in gg.items() if k not in ("file", "bytes", "samples"))
+                   + f" on {gg['samples']} check inputs")
 
 
 def _gates_table(rows: list[dict]) -> str:

@@ -23,7 +23,8 @@ from dqtool.stages.bench.stage import BenchConfig
 from dqtool.stages.convert import ConvertConfig
 from dqtool.stages.distill import DistillConfig
 from dqtool.stages.evaluate import PRESETS, EvalConfig
-from dqtool.stages.export import ACCURACY_LEVELS, EXTERNAL_DATA_CHOICES, MATMUL_CHOICES, ExportConfig
+from dqtool.stages.export import (ACCURACY_LEVELS, EXTERNAL_DATA_CHOICES, GENERATION_GRAPH_CHOICES, MATMUL_CHOICES,
+                                  ExportConfig)
 from dqtool.model.weight_cache import MODES as WEIGHT_CACHE_MODES
 from dqtool.stages.qat import PRECISIONS, TARGETS, TEACHER_DTYPES, QATConfig
 
@@ -76,6 +77,7 @@ CHOICES = {
     ("export", "matmul"): MATMUL_CHOICES,
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
     ("export", "external_data"): EXTERNAL_DATA_CHOICES,
+    ("export", "generation_graph"): GENERATION_GRAPH_CHOICES,
 }
 
 

@@ -208,9 +208,8 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
 # --------------------------------------------------------------------------- float groups
 
 def test_float16_is_chosen_per_tensor(tmp_path):
-    # final_logits_bias beyond float16's range (inf): the biases group fails as a whole, and
-    # the halving search keeps only that tensor float32; the other biases, the norms and the
-    # positions go to float16 within tolerance.
+    # final_logits_bias beyond float16's range (inf): only that tensor stays float32; the
+    # other biases, the norms and the positions go to float16 within tolerance.
     def edit(model):
         with torch.no_grad():
             model.final_logits_bias[0, 7] = 70000.0
@@ -221,7 +220,7 @@ def test_float16_is_chosen_per_tensor(tmp_path):
     assert r.float_dtypes["biases"].startswith("mixed ("), r.float_dtypes
     assert r.float_dtypes["norms"] == "float16" and r.float_dtypes["positions"] == "float16"
     m = verify_folder(tmp_path / "packed", "convert")
-    assert not m["checks_tried"]["float16"]["tokens_equal"] or m["checks_tried"]["float16"]["rel"] > 1e-3
+    assert list(m["checks_tried"]) == ["float16"]   # one check: the overflow was screened per tensor
     with safe_open(str(tmp_path / "packed" / PACKED_FILE), "pt") as f:
         assert f.get_tensor("final_logits_bias").dtype == torch.float32
         assert f.get_tensor("model.encoder.layers.0.fc1.bias").dtype == torch.float16

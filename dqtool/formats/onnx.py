@@ -7,6 +7,9 @@
     decoder_model.onnx + decoder_with_past_model.onnx
     onnx/<graph>.onnx_data        (dqtool export) each graph's initializers, or one shared
                                   weights.onnx_data (--external-data shared, older exports)
+    onnx/generation_model.onnx    (--generation-graph beam) the whole generation in one graph:
+                                  ONNX Runtime's BeamSearch op around the two graphs above,
+                                  reading the same external data (:mod:`dqtool.runtimes.beamgraph`)
     export.json                   (dqtool export) per-Linear plans, opset, session options
     config.json, generation_config.json, tokenizer files, dqtool-manifest.json
 
@@ -30,6 +33,7 @@ MERGED_FILE = "decoder_model_merged.onnx"
 DECODER_FILE = "decoder_model.onnx"
 WITH_PAST_FILE = "decoder_with_past_model.onnx"
 DATA_FILE = "weights.onnx_data"
+GENERATION_FILE = "generation_model.onnx"  # --generation-graph beam: the whole generation, one BeamSearch graph
 EXPORT_FILE = "export.json"
 ONNX_SUBDIR = "onnx"  # transformers.js (and the Hub's ONNX repos) keep the graphs here
 

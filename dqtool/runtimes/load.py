@@ -16,6 +16,7 @@ from dqtool import formats
 from dqtool.base.errors import DQToolError
 from dqtool.formats import hf, packed, qat
 from dqtool.model.weight_cache import set_weight_cache
+from dqtool.runtimes.beamgraph import KIND as GRAPH_KIND, is_generation_graph, load_generation_graph
 from dqtool.runtimes.ort import load_onnx
 
 
@@ -36,7 +37,8 @@ LOADERS = {
 
 def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                need_tokenizer: bool = True):
-    """``(model, tokenizer, kind)`` of any model folder, ready for ``generate`` on ``device``.
+    """``(model, tokenizer, kind)`` of any model folder (or an exported ``onnx/generation_model.onnx``,
+    kind ``onnx-beam``), ready for ``generate`` on ``device``.
 
     ``threads``: ONNX Runtime's intra-op threads (default: torch's current thread count).
 
@@ -45,6 +47,12 @@ def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | No
     """
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DQToolError(f"--device {device} but no CUDA GPU is visible here: pass --device cpu")
+    if is_generation_graph(source):  # onnx/generation_model.onnx: the whole generation in one ORT graph
+        model, tok = load_generation_graph(source, threads if threads is not None else torch.get_num_threads())
+        name = GRAPH_KIND
+        if tok is None and need_tokenizer:
+            raise DQToolError(f"{source} has no tokenizer files next to it: re-export the folder")
+        return model.to(device).eval(), tok, name
     name = formats.detect(source)
     model, tok = LOADERS[name](str(source), threads if threads is not None else torch.get_num_threads())
     if tok is None and need_tokenizer:

@@ -10,9 +10,9 @@
    float learned positions, other): ``auto`` takes float16 for every group when the packed
    model's logits stay within ``tolerance`` of the QAT model's and greedy tokens are
    identical on check inputs; otherwise it starts from float32 (bit-exact by construction,
-   and checked) and moves one group at a time to float16, keeping each move that passes; a
-   group that fails as a whole is split in halves until single tensors are decided, so only
-   the tensors that need it stay float32;
+   and checked) and moves one group at a time to float16, keeping each move that passes;
+   per tensor, whatever float16 cannot hold (overflow, underflow) stays float32 in every
+   trial, so one such tensor does not keep its whole group in float32;
 4. store 2-bit code tables in base 3 (five codes per byte, ``ternary_storage="base3"``)
    or in the 2-bit layout, checked to decode back exactly;
 5. write the folder atomically with a manifest holding every file's hash, the
@@ -187,6 +187,24 @@ def float_groups(model, floats: dict) -> dict[str, list[str]]:
     return {g: v for g, v in groups.items() if v}
 
 
+def fp16_unsafe(t: torch.Tensor) -> bool:
+    """True when float16 cannot hold ``t``: a value overflows (|x| > 65504), or the whole
+    tensor sits so low that rounding errs by more than 2^-10 of its largest magnitude.
+    Such a tensor stays float32 whatever the check says; a tensor float16 holds to its
+    normal precision is left to the model-level check.
+
+        >>> fp16_unsafe(torch.tensor([1.0, -3.5])), fp16_unsafe(torch.tensor([7e4])), fp16_unsafe(torch.tensor([1e-7, 3e-7]))
+        (False, True, True)
+    """
+    t = t.detach().float()
+    h = t.half().float()
+    if not torch.isfinite(h).all():
+        return True
+    # float16's subnormals lose relative precision, but only values far below the tensor's
+    # scale land there: measure the error against the largest magnitude.
+    return bool(((h - t).abs() > t.abs().max() * 2.0 ** -10).any())
+
+
 def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertConfig):
     """``(dtype word, stored floats, check of the choice, checks tried, dtype per group)``."""
     from dqtool.model.packed import build_packed_model
@@ -200,10 +218,12 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
     tried = {}
 
     group_of = {k: g for g, keys in groups.items() for k in keys}
+    # Per tensor: what float16 cannot hold (overflow, underflow) stays float32 in every trial.
+    keep32 = {k for k, v in floats.items() if fp16_unsafe(v)}
 
-    def attempt(label: str, dtypes: dict[str, str], half: frozenset = frozenset()):
-        # dtypes: per group; half: single tensors of float32 groups moved to float16
-        stored = {k: v.to(FLOAT_DTYPES["float16" if k in half else dtypes[group_of[k]]]) for k, v in floats.items()}
+    def attempt(label: str, dtypes: dict[str, str]):
+        stored = {k: v.to(FLOAT_DTYPES["float32" if k in keep32 and dtypes[group_of[k]] == "float16"
+                                       else dtypes[group_of[k]]]) for k, v in floats.items()}
         model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
         set_weight_cache(model, cfg.weight_cache)
         model.generation_config = copy.deepcopy(qat_model.generation_config)
@@ -211,6 +231,14 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
         tried[label] = check
         ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
         return ok, stored, check
+
+    def described(dtypes: dict[str, str]) -> dict[str, str]:
+        out = dict(dtypes)
+        for g, keys in groups.items():
+            n32 = sum(k in keep32 for k in keys)
+            if n32 and dtypes[g] == "float16":
+                out[g] = f"mixed ({len(keys) - n32} of {len(keys)} float16)"
+        return out
 
     def word(dtypes: dict[str, str]) -> str:
         used = set(dtypes.values())
@@ -223,45 +251,25 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
             if cfg.float_dtype == "float32" and not check["bit_exact"]:
                 raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                                   f"with float32 floats; this is a dqtool bug: please report it")
-            return cfg.float_dtype, stored, check, tried, dtypes
+            return word(described(dtypes)), stored, check, tried, described(dtypes)
         all16 = {g: "float16" for g in groups}
         ok, stored, check = attempt("float16", all16)
         if ok:
-            return word(all16), stored, check, tried, all16
+            return word(described(all16)), stored, check, tried, described(all16)
         # Greedy per group: from float32 (exact), move each group to float16 while the check holds.
         dtypes = {g: "float32" for g in groups}
         ok, stored, check = attempt("float32", dtypes)
         if not check["bit_exact"]:
             raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                               f"with float32 floats; this is a dqtool bug: please report it")
-        half: frozenset = frozenset()
         for g in FLOAT_GROUPS:
             if g not in groups:
                 continue
             trial = {**dtypes, g: "float16"}
-            ok, t_stored, t_check = attempt(f"float16:{g}", trial, half)
+            ok, t_stored, t_check = attempt(f"float16:{g}", trial)
             if ok:
                 dtypes, stored, check = trial, t_stored, t_check
-                continue
-            # The group as a whole fails: per tensor, by halving (a passing half moves at once;
-            # a failing one is split until single tensors are decided), so one sensitive tensor
-            # keeps float32 while the rest of its group goes to float16.
-            pending = [sorted(groups[g])] if len(groups[g]) > 1 else []
-            while pending:
-                part = pending.pop()
-                halves = [part[:len(part) // 2], part[len(part) // 2:]]
-                for h in halves:
-                    trial_half = half | frozenset(h)
-                    ok, t_stored, t_check = attempt(f"float16:{g}:{h[0]}+{len(h) - 1}", dtypes, trial_half)
-                    if ok:
-                        half, stored, check = trial_half, t_stored, t_check
-                    elif len(h) > 1:
-                        pending.append(h)
-        per_group = dict(dtypes)
-        for g, keys in groups.items():
-            n16 = sum(k in half for k in keys)
-            if n16:
-                per_group[g] = "float16" if n16 == len(keys) else f"mixed ({n16} of {len(keys)} float16)"
+        per_group = described(dtypes)
         return word(per_group), stored, check, tried, per_group
     finally:
         set_weight_cache(qat_model, "none")  # frees the QAT side's kept weights

@@ -45,13 +45,15 @@ from dqtool.base.progress import stage
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.qmath.pack import unpack_codes
 from dqtool.qmath.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block, onnx_linear
-from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE, ONNX_SUBDIR  # the file names the runtime loads
+from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE, GENERATION_FILE, ONNX_SUBDIR  # the file names the runtime loads
 from dqtool.formats.onnx import MERGED_FILE as DECODER_FILE
 from dqtool.runtimes.ort import session_options
 from dqtool.base.fsutil import locked
+from dqtool.formats.onnx import graph_folder
 
 EXTERNAL_DATA_CHOICES = ("per-graph", "shared")  # DATA_FILE: the one file of --external-data shared
 MATMUL_CHOICES = ("auto", INTEGER, NBITS)
+GENERATION_GRAPH_CHOICES = ("none", "beam")  # beam: also onnx/generation_model.onnx (ORT's BeamSearch op)
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = float compute (faithful), 4 = int8 compute (fast)
 OPSET = 18  # BitwiseAnd (in-graph unpacking of packed codes) needs opset 18
 
@@ -96,6 +98,11 @@ class ExportConfig:
     # per-graph: <graph>.onnx_data, what transformers.js fetches (Node and browsers); the
     # tied embedding is stored in both files. shared: one weights.onnx_data, stored once.
     external_data: str = "shared"
+    # beam: also write onnx/generation_model.onnx, the whole generation (greedy = one beam, and beam
+    # search with the generation config's lengths, penalties, EOS/pad/start ids) in one graph around
+    # the same quantized encoder and decoder (ONNX Runtime's com.microsoft.BeamSearch op, the weights
+    # shared with the two graphs); validated to give the ONNX runtime's tokens.
+    generation_graph: str = "none"
 
     def __post_init__(self):
         if self.matmul not in MATMUL_CHOICES:
@@ -103,6 +110,9 @@ class ExportConfig:
         if self.external_data not in EXTERNAL_DATA_CHOICES:
             raise ConfigError(f"{{external_data}} '{self.external_data}' is not supported: choose "
                               f"{', '.join(EXTERNAL_DATA_CHOICES)}")
+        if self.generation_graph not in GENERATION_GRAPH_CHOICES:
+            raise ConfigError(f"{{generation_graph}} '{self.generation_graph}' is not supported: choose "
+                              f"{', '.join(GENERATION_GRAPH_CHOICES)}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"{{accuracy_level}} {self.accuracy_level} is not supported: choose 0 (float compute, "
                               f"faithful) or 4 (int8 compute, fast)")
@@ -663,6 +673,54 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
     return result
 
 
+def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
+    """Write ``folder/onnx/generation_model.onnx`` (:mod:`dqtool.runtimes.beamgraph`) for the folder's
+    generation config and check its tokens against the ONNX runtime's (:class:`~dqtool.runtimes.ort.OnnxSeq2Seq`)
+    on the check inputs: greedy and beam search (the config's beams, at least 2) with the config's
+    settings and ``cfg.check_length`` new tokens, rows padded. Raises DQToolError (one line) for a
+    config the op cannot run or any token that differs."""
+    from dqtool.runtimes.beamgraph import GenerationGraph, build_generation_graph, expected_sequences, unsupported
+    from dqtool.runtimes.genconfig import resolve_generation_config
+    from dqtool.runtimes.ort import OnnxSeq2Seq
+
+    ref = OnnxSeq2Seq.from_folder(folder, threads=1)
+    gc = resolve_generation_config(ref, None, {})
+    why = unsupported(gc)
+    if why:
+        raise DQToolError(f"--generation-graph beam: {why}")
+    hidden = int(getattr(ref.config, "d_model", 0) or getattr(ref.config, "hidden_size"))
+    dec_cfg = getattr(ref.config, "decoder", ref.config)
+    heads = getattr(dec_cfg, "decoder_attention_heads", None) or getattr(dec_cfg, "num_heads", None)
+    head_dim = getattr(dec_cfg, "d_kv", None) or (hidden // heads if heads else None)
+    path = build_generation_graph(graph_folder(folder), gc, hidden, heads=heads, head_dim=head_dim,
+                                  vocab=int(ref.config.vocab_size))
+    graph = GenerationGraph.from_folder(folder, threads=1)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    vocab = int(ref.config.vocab_size)
+    ids = torch.randint(min(4, vocab - 1), vocab, (cfg.check_samples, cfg.check_length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, cfg.check_length // 2:] = 0
+    ids[0, cfg.check_length // 2:] = gc.pad_token_id if gc.pad_token_id is not None else 0
+    result = {"file": path.name, "bytes": path.stat().st_size, "samples": cfg.check_samples}
+    beams = max(2, int(gc.num_beams))
+    # a greedy config's graph stops at the first finished hypotheses (the op's early_stopping 1)
+    stop = True if gc.num_beams == 1 else gc.early_stopping
+    for name, kw in (("greedy", {"num_beams": 1}), (f"beam{beams}", {"num_beams": beams, "early_stopping": stop})):
+        # keyword arguments, not a GenerationConfig: a passed config's default values (num_beams 1)
+        # would give way to the folder's (Hugging Face's rule)
+        kw = dict(kw, max_new_tokens=cfg.check_length)
+        run_gc = resolve_generation_config(ref, None, dict(kw))
+        want = ref.generate(input_ids=ids, attention_mask=mask, **kw).numpy()
+        got = graph.run(ids.numpy(), mask.numpy(), run_gc)[:, 0]
+        expect = expected_sequences(want, run_gc)
+        if got.shape != expect.shape or not (got == expect).all():
+            bad = int(np.flatnonzero((got != expect).any(axis=1))[0]) if got.shape == expect.shape else 0
+            raise DQToolError(f"{GENERATION_FILE}: {name} tokens differ from the ONNX runtime's on check input {bad} "
+                              f"({got[bad].tolist()} vs {expect[bad].tolist()}); please report it")
+        result[name] = "tokens equal"
+    return result
+
+
 # --------------------------------------------------------------------------- stage
 
 @locked("out_dir")
@@ -695,6 +753,13 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
     packed_manifest = read_manifest(src)
     plans = plan_linears(model, cfg)
     wea = packed_manifest.get("wea", "?")
+    if cfg.generation_graph == "beam":  # a generation config the op cannot run: refused before exporting
+        from dqtool.runtimes.beamgraph import unsupported
+        from dqtool.runtimes.genconfig import resolve_generation_config
+
+        why = unsupported(resolve_generation_config(model, None, {}))
+        if why:
+            raise DQToolError(f"--generation-graph beam: {why}")
 
     with atomic_output(out, force=force) as tmp:
         raw = tmp / "_optimum"
@@ -742,18 +807,24 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         # A fresh model: optimum's export edits configs in place (T5's encoder use_cache).
         with stage("export: validating against the packed PyTorch runtime"):
             check = validate(gdir, load_packed(src)[0], cfg, nbits)
+        graphs = [ENCODER_FILE, DECODER_FILE]
+        if cfg.generation_graph == "beam":
+            with stage("export: generation graph (BeamSearch) and its token parity with the ONNX runtime"):
+                check["generation_graph"] = write_generation_graph(tmp, cfg)
+            graphs.append(GENERATION_FILE)
         counts = {INTEGER: sum(p.path == INTEGER for p in plans.values()),
                   NBITS: sum(p.path == NBITS for p in plans.values())}
         ops = {f: sorted({n.op_type for g in _all_graphs(m.graph) for n in g.node}) for f, m in models.items()}
         sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         sizes["total"] = sum(sizes.values())
         sizes["weights"] = shared["data_bytes"]
-        sizes["graphs"] = sum((gdir / f).stat().st_size for f in (ENCODER_FILE, DECODER_FILE))
+        sizes["graphs"] = sum((gdir / f).stat().st_size for f in graphs)
         sizes["packed_file_bytes"] = (packed_manifest.get("footprint") or {}).get("packed_file_bytes")
         sizes["bound"] = (packed_manifest.get("footprint") or {}).get("bound")
         (tmp / EXPORT_FILE).write_text(json.dumps(
             {"wea": wea, "opset": OPSET, "plans": {k: v.__dict__ for k, v in plans.items()},
-             "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "use_lut_gemm": cfg.lut_gemm}},
+             "session_options": {"graph_optimization_level": "ORT_ENABLE_ALL", "use_lut_gemm": cfg.lut_gemm},
+             "generation_graph": GENERATION_FILE if cfg.generation_graph == "beam" else None},
             indent=1) + "\n")
         write_manifest(tmp, "export", inputs={"packed": describe_source(src),
                                               "packed_manifest_files": packed_manifest.get("files")},

@@ -125,6 +125,15 @@ def _greedy_exact(n: int) -> dict:
     return dict(num_beams=1, do_sample=False, min_new_tokens=n, max_new_tokens=n, no_repeat_ngram_size=0)
 
 
+def _fixed(model, kwargs: dict) -> dict:
+    """``kwargs`` with the n-gram blocking a generation graph fixed at export (an op attribute,
+    ``dqtool export --generation-graph beam``); other models unchanged."""
+    fixed = getattr(model, "attributes", None)
+    if isinstance(fixed, dict) and "no_repeat_ngram_size" in fixed:
+        return dict(kwargs, no_repeat_ngram_size=int(fixed["no_repeat_ngram_size"]))
+    return kwargs
+
+
 def _device(model, cfg: BenchConfig) -> torch.device:
     # PyTorch models (HF, QAT, packed, torch int8 peer) run on cfg.device; ONNX Runtime and
     # CTranslate2 targets run on CPU here.
@@ -156,7 +165,7 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
                     target.encode(model, ids, mask)
                 sync()
                 t1 = time.perf_counter()
-                seq = model.generate(input_ids=ids, attention_mask=mask, **_greedy_exact(cfg.new_tokens))
+                seq = model.generate(input_ids=ids, attention_mask=mask, **_fixed(model, _greedy_exact(cfg.new_tokens)))
                 sync()
                 t2 = time.perf_counter()
                 if i >= cfg.warmup:
@@ -199,7 +208,7 @@ def measure_quality(model, tok, cfg: BenchConfig, name: str = "") -> dict | None
     limit = position_limit(model)
     src_len = cfg.source_max_length if limit is None else min(cfg.source_max_length, limit)
     t0 = time.perf_counter()
-    preds = generate_texts(model, tok, list(pairs.sources), greedy, 32, str(_device(model, cfg)), src_len,
+    preds = generate_texts(model, tok, list(pairs.sources), _fixed(model, greedy), 32, str(_device(model, cfg)), src_len,
                            desc=f"  {name}: quality, generation")
     return {**{k: round(v, 2) for k, v in score(preds, pairs.targets, ("rouge",)).items()},
             "rows": len(preds), "seconds": round(time.perf_counter() - t0, 1)}
@@ -244,6 +253,9 @@ def measure(target: Target, cfg: BenchConfig, log=print) -> dict:
     kernels = onnx_kernels(target.files)
     if kernels:
         row["kernels"] = kernels
+    if _fixed(model, {}):
+        row["notes"] = (row["notes"] + "; " if row["notes"] else "") + \
+            f"one ORT BeamSearch graph (1 beam), n-gram blocking {_fixed(model, {})['no_repeat_ngram_size']} fixed in it"
     log(f"  {target.name}: {row['bytes']['total']:,} bytes; measuring latency")
     row["latency"] = measure_latency(target, model, tok, cfg)
     log(f"  {target.name}: quality")
@@ -487,10 +499,14 @@ def bench(models: list[str], out_dir: str | os.PathLike, cfg: BenchConfig, force
     from dqtool.formats.manifest import check_output
 
     out = check_output(out_dir, force)
+    from dqtool.runtimes.beamgraph import is_generation_graph, model_root
+
     for m in models:
-        if not Path(m).is_dir():
-            raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained")
-    _check_positions([*models, cfg.teacher, cfg.student], cfg)
+        if not Path(m).is_dir() and not is_generation_graph(m):
+            raise DQToolError(f"model folder {m} not found: pass folders written by dqtool or save_pretrained "
+                              f"(or an exported onnx/generation_model.onnx)")
+    _check_positions([*(model_root(m) if is_generation_graph(m) else m for m in models), cfg.teacher, cfg.student],
+                     cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:

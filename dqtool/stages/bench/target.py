@@ -50,8 +50,9 @@ def model_files(folder: str | os.PathLike) -> list[Path]:
     if not p.is_dir():
         return []
     dirs = [p] + ([p / "onnx"] if (p / "onnx").is_dir() else [])  # dqtool export keeps the graphs in onnx/
+    # generation_model.onnx (export --generation-graph beam) is a target of its own, not loaded with the folder.
     return sorted(f for d in dirs for f in d.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
-                  and not f.name.startswith("training_args"))
+                  and not f.name.startswith("training_args") and f.name != "generation_model.onnx")
 
 
 def _torch_encode(model, ids, mask):
@@ -66,7 +67,7 @@ def encoder_of(kind: str) -> Callable | None:
     """How to time the encoder alone for a target of ``kind`` (None: not separable)."""
     if kind == "ctranslate2":
         return None
-    return _onnx_encode if kind == "onnx" else _torch_encode
+    return _onnx_encode if kind in ("onnx", "onnx-beam") else _torch_encode
 
 
 def folder_target(path: str | os.PathLike, role: str, threads: int, name: str | None = None) -> Target:
@@ -74,12 +75,21 @@ def folder_target(path: str | os.PathLike, role: str, threads: int, name: str | 
     from dqtool import formats
     from dqtool.runtimes.load import load_model
 
-    kind_name = formats.detect(path)
-    formats.verify(path, kind_name)  # here, in bench's own process: a bad folder is a one-line error
+    from dqtool.runtimes.beamgraph import KIND, is_generation_graph, model_root
+
+    if is_generation_graph(path):  # onnx/generation_model.onnx: runs alone on the shared weights
+        kind_name = KIND
+        formats.verify(model_root(path), "onnx")
+        files = [Path(path)] + [f for f in model_files(Path(path).parent) if f.suffix != ".onnx"]
+    else:
+        kind_name = formats.detect(path)
+        formats.verify(path, kind_name)  # here, in bench's own process: a bad folder is a one-line error
+        files = model_files(path)
 
     def load():
         model, tok, _ = load_model(path, threads=threads, need_tokenizer=False)
         return model, tok
 
-    return Target(name=name or Path(path).name, role=role, kind=kind_name, files=model_files(path), load=load,
+    default = f"{model_root(path).name}-beam-graph" if kind_name == KIND else Path(path).name
+    return Target(name=name or default, role=role, kind=kind_name, files=files, load=load,
                   encode=encoder_of(kind_name), path=str(path))
