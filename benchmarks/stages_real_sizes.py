@@ -66,7 +66,7 @@ PreTrainedTokenizerFast.from_pretrained(tok).save_pretrained(out)
 
 def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float, env: dict) -> dict:
     """Run ``cmd`` as its own process; wall seconds, its own peak RSS (MiB), exit code, log file."""
-    log = log_dir / f"{name}.log"
+    log = log_dir / (re.sub(r"[^\w.() -]", "_", name) + ".log")   # "convert A/B 0 after": no "/" in a file name
     t0 = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -379,3 +379,18 @@ def test_inference_activation_path_is_the_reference_bit_for_bit(dtype, symmetric
                 assert got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)), (bits, clip, trial)
                 with torch.no_grad():
                     assert torch.equal(_bits(fake_quant(x, spec, c)), _bits(want))   # fake_quant's inference branch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_code_rounding_is_round_half_to_even(dtype):
+    # The inference path's rounding (an add/sub pair, no OpenMP region) against torch.round
+    # on every half-integer and random values across the code ranges, zeros as +0.0.
+    from dqtool.qmath.quant import _round_codes_
+
+    halves = torch.arange(-600, 601, dtype=torch.float64) / 2
+    rand = (torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 520
+    for v in (halves, rand, torch.tensor([-0.0, 0.0, -0.3, 0.3, -0.5, 0.5], dtype=torch.float64)):
+        v = v.to(dtype)
+        want = torch.round(v) + 0.0
+        got = _round_codes_(v.clone())
+        assert torch.equal(_bits(got), _bits(want))

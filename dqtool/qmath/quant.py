@@ -730,6 +730,21 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
     return _FakeQuantSTE.apply(x, clip, spec)
 
 
+# x + c - c rounds half to even for |x| <= 2**(mantissa bits - 1), exactly as torch.round,
+# and gives +0.0 where torch.round gives -0.0 (what the int8 round trip of the reference
+# path gives too). bfloat16 (8 bits) cannot hold 8-bit codes this way: torch.round there.
+_ROUND_MAGIC = {torch.float32: 1.5 * 2 ** 23, torch.float64: 1.5 * 2 ** 52, torch.float16: 1.5 * 2 ** 10}
+
+
+def _round_codes_(t: torch.Tensor) -> torch.Tensor:
+    # In place: round half to even of values within +-(2**bits) (codes before the clamp),
+    # zeros as +0.0. torch.round on CPU opens an OpenMP region from about a thousand
+    # elements (a key/value cache, an FFN row): with 2 threads on a busy machine that is
+    # milliseconds per call, while the add/sub pair stays on one thread at these sizes.
+    c = _ROUND_MAGIC.get(t.dtype)
+    return t.round_().add_(0.0) if c is None else t.add_(c).sub_(c)
+
+
 def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
     """The forward value of :func:`fake_quant` for a ``minmax`` activation (per token or per
     tensor, symmetric with or without a clip, or asymmetric), bit for bit, in fewer ops.
@@ -740,12 +755,14 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
     scale, the same ``round(x / scale)``, the same clamp, the same product with the same
     scale, in the same order and dtype) and leaves out only what cannot change a value:
     the round trip of the integer codes through int8/uint8 (exact for integers in the
-    code range), the defensive clone of the scale and the reshapes of per-token views;
-    the rest runs in place on fresh tensors. ``x`` is read, never written. One op is added: ``+ 0.0`` after rounding,
-    because the int8 round trip turns a rounded ``-0.0`` into ``+0.0``. The one difference:
-    a NaN input under a clip stays NaN here (the int8 round trip gives it an arbitrary code);
-    without a clip a NaN makes its row's scale NaN in both. No autograd: call it only where
-    nothing needs a gradient (:func:`fake_quant` does).
+    code range), the defensive clone of the scale and the reshapes of per-token views; the
+    rest runs in place on fresh tensors (``x`` is read, never written). Rounding half to
+    even is ``v + c - c`` (``c = 1.5 * 2**23`` in float32), the same integers as
+    ``torch.round`` for every code-range value and +0.0 where the reference's int8 round
+    trip makes +0.0 of a rounded -0.0 (bfloat16: ``torch.round`` and ``+ 0.0``). The one
+    difference: a NaN input under a clip stays NaN here (the int8 round trip gives it an
+    arbitrary code); without a clip a NaN makes its row's scale NaN in both. No autograd:
+    call it only where nothing needs a gradient (:func:`fake_quant` does).
 
     Example:
         >>> spec = QuantSpec.activation(8)
@@ -766,7 +783,7 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
         hi = torch.clamp(x.amax(dim=-1, keepdim=True) if token else x.amax(), min=0)
         scale = hi.sub_(lo).div_(qmax).clamp_min_(_eps(x.dtype))
         zp = torch.round(lo.neg_().div_(scale)).clamp_(0.0, qmax)
-        q = torch.div(x, scale).round_().add_(zp).clamp_(0.0, qmax)
+        q = _round_codes_(torch.div(x, scale)).add_(zp).clamp_(0.0, qmax)
         return q.sub_(zp).mul_(scale)
     if clip is None:   # compute_scale(): max|x| / qmax
         a = x.abs()
@@ -778,7 +795,7 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
         c = c.reshape(())
         x = torch.clamp(x, -c, c)
         scale = (c / qmax).clamp_min(_eps(x.dtype))
-    q = torch.div(x, scale).round_().clamp_(-qmax, qmax).add_(0.0)
+    q = _round_codes_(torch.div(x, scale)).clamp_(-qmax, qmax)
     return q.mul_(scale)
 
 
