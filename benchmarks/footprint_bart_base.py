@@ -38,6 +38,7 @@ from dqtool.formats.qat import save_qat
 from dqtool.model.qmodules import prepare
 from dqtool.qmath.scheme import QuantScheme
 from dqtool.stages.convert import ConvertConfig, convert
+from dqtool.formats.onnx import ONNX_SUBDIR
 from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def session_start(folder: Path, runs: int = 3) -> dict:
     for _ in range(runs):
         t0 = time.perf_counter()
         for f in (ENCODER_FILE, DECODER_FILE):
-            ort.InferenceSession(str(folder / f), session_options(2), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(folder / ONNX_SUBDIR / f), session_options(2), providers=["CPUExecutionProvider"])
         times.append(time.perf_counter() - t0)
     return {"median_s": round(statistics.median(times), 2), "runs_s": [round(t, 2) for t in times]}
 
@@ -85,7 +86,7 @@ def folded(folder: Path, base3: list[str], tmp: Path) -> dict:
         so.optimized_model_filepath = str(tmp / f"opt-{f}")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"opt-{f}.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(folder / f), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(folder / ONNX_SUBDIR / f), so, providers=["CPUExecutionProvider"])
         m = onnx.load(str(tmp / f"opt-{f}"), load_external_data=False)
         ops = [n.op_type for g in _all_graphs(m.graph) for n in g.node]
         used = {x for g in _all_graphs(m.graph) for n in g.node for x in n.input}
@@ -184,7 +185,8 @@ def main() -> None:
              f"`dqtool convert` defaults (2-bit codes in base 3, float16 per float group where the check "
              f"passes), `dqtool export` defaults. Folder bytes = every file (weights, layout or graphs, "
              f"config, manifest; no tokenizer). Bound = codes at their bits (base 3: log2 3 per code), scales "
-             f"and floats at their stored dtype.", "",
+             f"and floats at their stored dtype. Command: `.venv/bin/python benchmarks/footprint_bart_base.py` "
+             f"(x86_64, 2 cores; sizes do not depend on the machine).", "",
              "| student | W-E-A | packed folder MB | ONNX folder MB | bound MB | codes | scales | floats | "
              "positions | packed over bound | ONNX over bound | x smaller (packed) | x smaller (ONNX) | floats as |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

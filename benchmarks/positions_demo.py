@@ -1,105 +1,119 @@
-"""Quantized learned positions vs float positions on a small trained BART (quick check).
+"""Quantized learned positions vs float positions on the main job's students (A/B).
 
-Trains (or reuses) a teacher with ``benchmarks/teacher/train_teacher.py --size demo``
-(optionally fewer steps), copies a student, runs the same QAT twice per scheme -- learned
-positions in float (``--pos-bits none``) and quantized at the E bits (``--pos-bits e``),
-same seed, data, steps and losses (task + logits KL) -- converts both (float32 floats,
-bit-exact) and evaluates the packed students greedily on the test split.
+For each scheme of the recipe (default ``recipes/demo.yaml``: 2-2-8 and 8-8-8 of the 3+2
+student of the demo teacher), runs the recipe's own QAT twice -- learned positions in float
+(``pos_bits: none``) and quantized per row at the E bits (``pos_bits: e``) -- with the same
+seed, data order, steps, losses and teacher-output targets, then scores each trained student
+with its fake quantization (bit for bit the packed model's logits) on the test split, and
+converts it (the recipe's convert settings) to report the packed file size.
 
-Writes ``benchmarks/results/positions_demo.{json,md}``. Usage (heavy)::
+Resumable: finished QAT folders are reused and scores cached in ``WORK/scores.json``.
+Writes ``benchmarks/results/positions_demo.{json,md}``. Usage (heavy: 4 QAT runs)::
 
-    flock /tmp/dqtool-heavy.lock .venv/bin/python benchmarks/positions_demo.py --work runs/positions_demo
+    .venv/bin/python benchmarks/positions_demo.py --teacher runs/demo/teacher --seeds 42
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
-import subprocess
-import sys
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from dqtool.data.pairs import DataConfig
-from dqtool.model.losses import LossConfig
-from dqtool.qmath.scheme import QuantScheme
-from dqtool.stages.convert import ConvertConfig, convert
-from dqtool.stages.distill import DistillConfig, distill
-from dqtool.stages.evaluate import EvalConfig, evaluate_model
-from dqtool.stages.qat import QATConfig, qat
-
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "dqtool" / "assets" / "data" / "debian_synopsis"
+MB = 1e6
 
 
 def main() -> None:
+    from dqtool.compress import load_recipe
+    from dqtool.data.pairs import DataConfig
+    from dqtool.stages.convert import convert
+    from dqtool.stages.distill import distill
+    from dqtool.stages.evaluate import EvalConfig, evaluate_model
+    from dqtool.stages.qat import qat
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", type=Path, required=True)
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
     ap.add_argument("--work", type=Path, default=Path("runs/positions_demo"))
-    ap.add_argument("--teacher", type=Path, default=None, help="a trained teacher (default: train one into WORK)")
-    ap.add_argument("--teacher-steps", type=int, default=None, help="train_teacher.py --steps (default: its recipe)")
-    ap.add_argument("--encoder-layers", type=int, default=2)
-    ap.add_argument("--decoder-layers", type=int, default=1)
-    ap.add_argument("--schemes", default="2-2-8,8-8-8")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--eval-samples", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", default="42")
+    ap.add_argument("--eval-samples", type=int, default=None, help="test rows scored (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "positions_demo")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe)
+    seeds = [int(s) for s in args.seeds.split(",")]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    teacher = args.teacher or work / "teacher"
-    if not teacher.exists():
-        cmd = [sys.executable, str(REPO / "benchmarks" / "teacher" / "train_teacher.py"), "--size", "demo",
-               "--out", str(teacher)] + (["--steps", str(args.teacher_steps)] if args.teacher_steps else [])
-        subprocess.run(cmd, check=True)
     student = work / "student"
     if not student.exists():
-        distill(teacher, student, DistillConfig(encoder_layers=args.encoder_layers,
-                                                decoder_layers=args.decoder_layers))
-    ecfg = EvalConfig(data=str(DATA), split="test", data_cfg=DataConfig(source_max_length=128),
-                      max_samples=args.eval_samples, max_length=32, batch_size=64)
+        distill(args.teacher, student, recipe.distill)
+    score_file = work / "scores.json"
+    scores = json.loads(score_file.read_text()) if score_file.is_file() else {}
+    any_cfg = next(iter(recipe.qats.values()))
+    ecfg = EvalConfig(data=any_cfg.data, split="test",
+                      data_cfg=DataConfig(source_max_length=any_cfg.source_max_length, prefix=any_cfg.prefix),
+                      max_length=any_cfg.target_max_length, batch_size=64, max_samples=args.eval_samples)
+
+    def score(name: str, folder: Path) -> dict:
+        key = f"{name}@{args.eval_samples}"
+        if key not in scores:
+            r = evaluate_model(folder, None, ecfg)
+            scores[key] = {k: round(v, 2) for k, v in r.metrics.items() if k.startswith("rouge")}
+            scores[key]["rows"] = len(r.predictions)
+            score_file.write_text(json.dumps(scores, indent=1) + "\n")
+        return scores[key]
+
+    teacher = score("teacher", args.teacher)
     rows = []
-    t = evaluate_model(str(teacher), None, ecfg)
-    rows.append({"model": "teacher (float)", **{k: round(v, 2) for k, v in t.metrics.items()}})
-    for wea in args.schemes.split(","):
+    for wea, base in recipe.qats.items():
         for pos in ("none", "e"):
-            scheme = QuantScheme.from_wea_pos(wea, pos)
-            q = work / f"qat-{wea}-pos-{pos}"
-            t0 = time.time()
-            if not q.exists():
-                qat(student, q, QATConfig(data=str(DATA), scheme=scheme, losses=LossConfig(), max_steps=args.steps,
-                                          batch_size=16, learning_rate=5e-4, source_max_length=128,
-                                          target_max_length=32, save_steps=args.steps, seed=args.seed),
-                    progress=False)
-            p = work / f"packed-{wea}-pos-{pos}"
-            if not p.exists():
-                convert(q, p, ConvertConfig(float_dtype="float32", check_samples=2))
-            r = evaluate_model(str(p), None, ecfg)
-            rows.append({"model": f"{args.encoder_layers}+{args.decoder_layers} {wea}", "pos_bits": scheme.pos_bits,
-                         **{k: round(v, 2) for k, v in r.metrics.items()},
-                         "packed_bytes": (p / "packed.safetensors").stat().st_size,
-                         "seconds": round(time.time() - t0, 1)})
-            print(rows[-1], flush=True)
-    meta = {"machine": f"{platform.machine()}, 2 threads (shared machine)", "torch": torch.__version__,
-            "teacher": str(teacher), "teacher_steps": args.teacher_steps, "qat_steps": args.steps, "seed": args.seed,
-            "eval_rows": args.eval_samples, "decode": "greedy, max 32 tokens", "losses": "task + logits KL T=2"}
+            pos_bits = None if pos == "none" else base.scheme.e_bits
+            for seed in seeds:
+                name = f"{wea}-pos-{pos}-seed{seed}"
+                q, p = work / f"qat-{name}", work / f"packed-{name}"
+                t0 = time.time()
+                if not q.exists():
+                    cfg = dataclasses.replace(base, scheme=base.scheme.with_(pos_bits=pos_bits), seed=seed,
+                                              eval_steps=None)
+                    qat(student, q, cfg, teacher=str(args.teacher), progress=False, cache_dir=work / "cache")
+                if not p.exists():
+                    convert(q, p, recipe.convert)
+                s = score(name, q)
+                rows.append({"wea": wea, "positions": "float" if pos_bits is None else f"{pos_bits}-bit",
+                             "seed": seed, **s, "packed_bytes": (p / "packed.safetensors").stat().st_size,
+                             "seconds": round(time.time() - t0, 1)})
+                print(rows[-1], flush=True)
+    meta = {"machine": f"{platform.machine()}, {args.threads} threads", "torch": torch.__version__,
+            "teacher": str(args.teacher), "recipe": str(args.recipe.relative_to(REPO) if args.recipe.is_absolute()
+                                                         and REPO in args.recipe.parents else args.recipe),
+            "seeds": seeds, "test_rows": teacher["rows"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = ["# Quantized learned positions vs float (small trained BART)", "",
-             f"Teacher: demo BART trained here ({args.teacher_steps or 'recipe'} steps); student "
-             f"{args.encoder_layers}+{args.decoder_layers}, QAT {args.steps} steps (task + logits KL, seed "
-             f"{args.seed}), packed with float32 floats; test split, first {args.eval_samples} rows, greedy. One "
-             f"seed: differences below ~0.5 ROUGE-L are within the seed spread measured in qat_kd_summary.md.", "",
-             "| model | positions | ROUGE-1 | ROUGE-2 | ROUGE-L | packed.safetensors bytes |",
-             "|---|---|---:|---:|---:|---:|"]
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "teacher": teacher, "rows": rows},
+                                                        indent=1) + "\n")
+    lines = ["# Quantized learned positions vs float positions (the main job's students)", "",
+             f"Recipe `{meta['recipe']}` (its distill, QAT and convert settings; only `qat.pos_bits` changes), "
+             f"teacher {args.teacher} (float ROUGE-L {teacher['rougeL']:.2f}), seeds {seeds}. Scored with the fake "
+             f"quantization (= the packed model bit for bit) on {teacher['rows']} test rows, greedy. "
+             f"Command: `.venv/bin/python benchmarks/positions_demo.py --teacher {args.teacher} --seeds {args.seeds}`", "",
+             "| W-E-A | positions | seed | ROUGE-1 | ROUGE-2 | ROUGE-L | packed.safetensors MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        pos = "" if "pos_bits" not in r else ("float" if r["pos_bits"] is None else f"{r['pos_bits']}-bit")
-        lines.append(f"| {r['model']} | {pos} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} | "
-                     f"{r.get('packed_bytes', '')} |")
+        lines.append(f"| {r['wea']} | {r['positions']} | {r['seed']} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | "
+                     f"{r['rougeL']:.2f} | {r['packed_bytes'] / MB:.3f} |")
+    for wea in recipe.qats:
+        by = {pos: [r["rougeL"] for r in rows if r["wea"] == wea and r["positions"] == pos]
+              for pos in {r["positions"] for r in rows if r["wea"] == wea}}
+        if len(by) == 2:
+            (a, la), (b, lb) = sorted(by.items(), key=lambda kv: kv[0] != "float")
+            lines.append(f"\n{wea}: ROUGE-L mean {statistics.fmean(la):.2f} ({a}) vs {statistics.fmean(lb):.2f} ({b}), "
+                         f"difference {statistics.fmean(lb) - statistics.fmean(la):+.2f}.")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

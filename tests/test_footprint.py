@@ -207,9 +207,10 @@ def test_onnx_parity_with_quantized_positions_and_base3_storage(tmp_path):
 
 # --------------------------------------------------------------------------- float groups
 
-def test_float16_is_chosen_per_group(tmp_path):
-    # final_logits_bias beyond float16's range (inf): the biases group must stay float32,
-    # while norms and positions go to float16 within tolerance.
+def test_float16_is_chosen_per_tensor(tmp_path):
+    # final_logits_bias beyond float16's range (inf): the biases group fails as a whole, and
+    # the halving search keeps only that tensor float32; the other biases, the norms and the
+    # positions go to float16 within tolerance.
     def edit(model):
         with torch.no_grad():
             model.final_logits_bias[0, 7] = 70000.0
@@ -217,15 +218,19 @@ def test_float16_is_chosen_per_group(tmp_path):
     q = _qat(tmp_path / "qat", "bart", "2-2-8", "none", edit=edit)
     r = convert(q, tmp_path / "packed", ConvertConfig(check_samples=2, check_length=6))
     assert r.float_dtype == "mixed", r.float_dtypes
-    assert r.float_dtypes["biases"] == "float32"
+    assert r.float_dtypes["biases"].startswith("mixed ("), r.float_dtypes
     assert r.float_dtypes["norms"] == "float16" and r.float_dtypes["positions"] == "float16"
     m = verify_folder(tmp_path / "packed", "convert")
     assert not m["checks_tried"]["float16"]["tokens_equal"] or m["checks_tried"]["float16"]["rel"] > 1e-3
     with safe_open(str(tmp_path / "packed" / PACKED_FILE), "pt") as f:
         assert f.get_tensor("final_logits_bias").dtype == torch.float32
-        assert f.get_tensor("model.encoder.layers.0.fc1.bias").dtype == torch.float32
+        assert f.get_tensor("model.encoder.layers.0.fc1.bias").dtype == torch.float16
+        biases32 = [k for k in f.keys() if k.endswith("bias") and f.get_tensor(k).dtype == torch.float32]
+        assert biases32 == ["final_logits_bias"]
+        n_biases = len([k for k in f.keys() if k.endswith("bias") and "norm" not in k])
         assert f.get_tensor("model.encoder.layernorm_embedding.weight").dtype == torch.float16
         assert f.get_tensor("model.encoder.embed_positions.weight").dtype == torch.float16
+    assert r.float_dtypes["biases"] == f"mixed ({n_biases - 1} of {n_biases} float16)", r.float_dtypes
     assert r.check["tokens_equal"] and r.check["rel"] <= 1e-3
     model, _ = load_packed(tmp_path / "packed")   # mixed dtypes load (cast to the compute dtype)
     assert model(input_ids=_ids(), decoder_input_ids=_ids(3, 4, 1)).logits.dtype == torch.float32

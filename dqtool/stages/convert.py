@@ -10,7 +10,9 @@
    float learned positions, other): ``auto`` takes float16 for every group when the packed
    model's logits stay within ``tolerance`` of the QAT model's and greedy tokens are
    identical on check inputs; otherwise it starts from float32 (bit-exact by construction,
-   and checked) and moves one group at a time to float16, keeping each move that passes;
+   and checked) and moves one group at a time to float16, keeping each move that passes; a
+   group that fails as a whole is split in halves until single tensors are decided, so only
+   the tensors that need it stay float32;
 4. store 2-bit code tables in base 3 (five codes per byte, ``ternary_storage="base3"``)
    or in the 2-bit layout, checked to decode back exactly;
 5. write the folder atomically with a manifest holding every file's hash, the
@@ -213,9 +215,11 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
     set_weight_cache(qat_model, "none")
     built = []
 
-    def attempt(label: str, dtypes: dict[str, str]):
-        group_of = {k: g for g, keys in groups.items() for k in keys}
-        stored = {k: v.to(FLOAT_DTYPES[dtypes[group_of[k]]]) for k, v in floats.items()}
+    group_of = {k: g for g, keys in groups.items() for k in keys}
+
+    def attempt(label: str, dtypes: dict[str, str], half: frozenset = frozenset()):
+        # dtypes: per group; half: single tensors of float32 groups moved to float16
+        stored = {k: v.to(FLOAT_DTYPES["float16" if k in half else dtypes[group_of[k]]]) for k, v in floats.items()}
         if built:
             # One packed model for every candidate: only its floats change, loaded as
             # build_packed_model loads them (rounded to the candidate dtype, computed in
@@ -237,7 +241,7 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
 
     def word(dtypes: dict[str, str]) -> str:
         used = set(dtypes.values())
-        return used.pop() if len(used) == 1 else "mixed"
+        return used.pop() if len(used) == 1 and not next(iter(used)).startswith("mixed") else "mixed"
 
     try:
         if cfg.float_dtype != "auto":
@@ -257,14 +261,35 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
         if not check["bit_exact"]:
             raise DQToolError(f"the packed model's logits differ from the QAT model's by {check['max_abs']:.3g} "
                               f"with float32 floats; this is a dqtool bug: please report it")
+        half: frozenset = frozenset()
         for g in FLOAT_GROUPS:
             if g not in groups:
                 continue
             trial = {**dtypes, g: "float16"}
-            ok, t_stored, t_check = attempt(f"float16:{g}", trial)
+            ok, t_stored, t_check = attempt(f"float16:{g}", trial, half)
             if ok:
                 dtypes, stored, check = trial, t_stored, t_check
-        return word(dtypes), stored, check, tried, dtypes
+                continue
+            # The group as a whole fails: per tensor, by halving (a passing half moves at once;
+            # a failing one is split until single tensors are decided), so one sensitive tensor
+            # keeps float32 while the rest of its group goes to float16.
+            pending = [sorted(groups[g])] if len(groups[g]) > 1 else []
+            while pending:
+                part = pending.pop()
+                halves = [part[:len(part) // 2], part[len(part) // 2:]]
+                for h in halves:
+                    trial_half = half | frozenset(h)
+                    ok, t_stored, t_check = attempt(f"float16:{g}:{h[0]}+{len(h) - 1}", dtypes, trial_half)
+                    if ok:
+                        half, stored, check = trial_half, t_stored, t_check
+                    elif len(h) > 1:
+                        pending.append(h)
+        per_group = dict(dtypes)
+        for g, keys in groups.items():
+            n16 = sum(k in half for k in keys)
+            if n16:
+                per_group[g] = "float16" if n16 == len(keys) else f"mixed ({n16} of {len(keys)} float16)"
+        return word(per_group), stored, check, tried, per_group
     finally:
         set_weight_cache(qat_model, "none")  # frees the QAT side's kept weights
 

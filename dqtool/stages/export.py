@@ -426,6 +426,55 @@ def dedupe_constants(onnx_model) -> int:
     return dropped
 
 
+def hoist_constants(onnx_model, min_bytes: int = 1024) -> int:
+    """Turn every Constant node holding ``min_bytes`` or more into an initializer of the main
+    graph, once per value, so it goes to external data with the weights and is stored once:
+    the tracer writes model buffers (BART's ``final_logits_bias``, 50265 floats) as Constant
+    nodes, and the merged decoder's If branches each carried a copy (0.4 MB of graph at
+    BART-base). Subgraphs read the initializer from the outer scope. The initializer is named
+    by its content (``const.<sha256 prefix>``), so the encoder and decoder graphs, whose other
+    names are compacted independently, can share one data file without a name clash. Returns
+    how many Constant nodes were removed."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    main = onnx_model.graph
+    taken = {i.name for i in main.initializer} | {v.name for v in main.input}
+    removed = 0
+    # Innermost graphs first: rebuilding a graph's node list copies the subgraphs in it.
+    for g in reversed(list(_all_graphs(main))):
+        outputs = {v.name for v in g.output}
+        mapping: dict[str, str] = {}
+        keep = []
+        for node in g.node:
+            attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+            if attr is None or attr.name != "value" or node.output[0] in outputs:
+                keep.append(node)
+                continue
+            arr = numpy_helper.to_array(attr.t)
+            if arr.nbytes < min_bytes:
+                keep.append(node)
+                continue
+            key = arr.dtype.str.encode() + str(arr.shape).encode() + arr.tobytes()
+            name = "const." + hashlib.sha256(key).hexdigest()[:16]
+            if name not in taken:
+                main.initializer.append(numpy_helper.from_array(arr, name))
+                taken.add(name)
+            mapping[node.output[0]] = name
+            removed += 1
+        if not mapping:
+            continue
+        del g.node[:]
+        g.node.extend(keep)
+        for sub in _all_graphs(main):
+            for node in sub.node:
+                for i, x in enumerate(node.input):
+                    if x in mapping:
+                        node.input[i] = mapping[x]
+    return removed
+
+
 def share_external_data(models: dict[str, object], folder: Path, min_bytes: int = 64, shared: bool = True) -> dict:
     """Move every initializer of ``min_bytes`` or more into external data, once per name and file.
 
@@ -662,6 +711,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
             stored_base3.update(store_base3(m, base3, disk_layout))
             compact_names(m)
             dedupe_constants(m)
+            hoist_constants(m)
             models[fname] = m
         gdir = tmp / ONNX_SUBDIR
         gdir.mkdir()
