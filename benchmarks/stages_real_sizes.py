@@ -66,7 +66,7 @@ PreTrainedTokenizerFast.from_pretrained(tok).save_pretrained(out)
 
 def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float, env: dict) -> dict:
     """Run ``cmd`` as its own process; wall seconds, its own peak RSS (MiB), exit code, log file."""
-    log = log_dir / f"{name}.log"
+    log = log_dir / (re.sub(r"[^\w.() -]", "_", name) + ".log")   # "convert A/B 0 after": no "/" in a file name
     t0 = time.perf_counter()
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -91,7 +91,15 @@ def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float, env: dic
 
 def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, runs: int, threads: int) -> dict:
     """ms per generated token (batch 1, greedy) of the fp32 student and the packed folder
-    (weight cache "model", and "none" = the runtime before the cache, fewer runs)."""
+    (weight cache "model", and "none" = the runtime before the cache, fewer runs).
+
+    Two measures: ``ms_per_token`` = (generate of N tokens - generate of 1) / (N - 1),
+    medians of ``runs``; ``step_ms`` = the median wall time of one decoder forward
+    (every step after the first, timed by hooks, over all runs). The fp32 and packed runs
+    alternate so that load from other processes hits both alike.
+    """
+    import statistics
+
     import torch
 
     from dqtool.formats.packed import load_packed
@@ -100,6 +108,12 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
     torch.set_num_threads(threads)
     ids = torch.randint(4, 8000, (1, source_tokens), generator=torch.Generator().manual_seed(0))
 
+    def hooked(model) -> list:
+        steps, t = [], []
+        model.register_forward_pre_hook(lambda *a: t.append(time.perf_counter()))
+        model.register_forward_hook(lambda *a: steps.append(time.perf_counter() - t[-1]))
+        return steps
+
     def timed(model, n_new: int) -> float:
         gen = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, num_beams=1)
         t = time.perf_counter()
@@ -107,26 +121,41 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
             model.generate(input_ids=ids, **gen)
         return time.perf_counter() - t
 
-    def per_token(model, n_runs: int, n_new: int) -> dict:
-        timed(model, 2)  # warm-up (and, with a cache, the one dequantization)
-        one = sorted(timed(model, 1) for _ in range(n_runs))[n_runs // 2]
-        full = sorted(timed(model, n_new) for _ in range(n_runs))[n_runs // 2]
-        return {"ms_per_token": round(1000 * (full - one) / (n_new - 1), 2), "generate_ms": round(1000 * full, 1),
-                "new_tokens": n_new, "runs": n_runs}
-
-    out = {}
     fp32, _ = load_seq2seq(student)
-    out["fp32 student (PyTorch)"] = per_token(fp32.eval(), runs, new_tokens)
-    del fp32
+    fp32.eval()
     model, _ = load_packed(packed, cache="model")
+    out = {}
     t = time.perf_counter()
     timed(model, 1)
-    out["first call (dequantizes once), s"] = round(time.perf_counter() - t, 2)
-    out["packed, cache=model"] = per_token(model, runs, new_tokens)
+    first = round(time.perf_counter() - t, 2)
+    models = {"fp32 student (PyTorch)": fp32, "packed, cache=model": model}
+    steps = {k: hooked(m) for k, m in models.items()}
+    ones, fulls, step_ms = {k: [] for k in models}, {k: [] for k in models}, {k: [] for k in models}
+    for m in models.values():
+        timed(m, 2)  # warm-up
+    for r in range(runs):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]
+        for k in order:
+            ones[k].append(timed(models[k], 1))
+            steps[k].clear()
+            fulls[k].append(timed(models[k], new_tokens))
+            step_ms[k] += steps[k][1:]
+    for k in models:
+        one, full = statistics.median(ones[k]), statistics.median(fulls[k])
+        out[k] = {"ms_per_token": round(1000 * (full - one) / (new_tokens - 1), 2),
+                  "step_ms": round(1000 * statistics.median(step_ms[k]), 2), "generate_ms": round(1000 * full, 1),
+                  "new_tokens": new_tokens, "runs": runs}
     out["packed, cache=model"]["kept_mib"] = round(model.dqtool_weight_cache.nbytes() / 2**20)
-    del model
+    out["first call (dequantizes once), s"] = first
+    out["packed / fp32 per token"] = round(out["packed, cache=model"]["ms_per_token"]
+                                           / out["fp32 student (PyTorch)"]["ms_per_token"], 3)
+    out["packed / fp32 per step"] = round(out["packed, cache=model"]["step_ms"]
+                                          / out["fp32 student (PyTorch)"]["step_ms"], 3)
+    del model, models, fp32
     model, _ = load_packed(packed, cache="none")
-    out["packed, cache=none"] = per_token(model, 1, 4)
+    s = hooked(model)
+    timed(model, 4)
+    out["packed, cache=none"] = {"step_ms": round(1000 * statistics.median(s[1:]), 2), "new_tokens": 4, "runs": 1}
     return out
 
 
@@ -146,6 +175,9 @@ def main() -> None:
                          "(default: this code with --weight-cache none)")
     ap.add_argument("--no-export", default="", help="shapes to stop after convert (comma-separated)")
     ap.add_argument("--stages-only", default="", help="shapes to run only distill, qat and convert for")
+    ap.add_argument("--export-only", default="", help="shapes whose packed folder exists: run only export and eval "
+                                                     "onnx, adding the rows to the earlier report's (to split a run "
+                                                     "into shorter pieces)")
     ap.add_argument("--keep-other-shapes", action="store_true", help="keep other shapes' rows of an earlier report")
     ap.add_argument("--bench", action="store_true", help="also dqtool bench at BART-base with one peer")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "stages_real_sizes")
@@ -153,11 +185,15 @@ def main() -> None:
     ap.add_argument("--convert-ab", type=int, default=0, metavar="N",
                     help="only: convert the existing BART-base QAT folder N times with this code and with "
                          "--before-code, alternating (contention hits both alike); adds the rows to the report")
+    ap.add_argument("--regen-speed", action="store_true",
+                    help="only: measure the BART-base generation speed again (existing folders) and replace its row")
     args = ap.parse_args()
+    if args.regen_speed:
+        return regen_speed(args)
     if args.convert_ab:
         return convert_ab(args)
     if args.gen_speed:
-        print(json.dumps(gen_speed(*args.gen_speed, new_tokens=32, source_tokens=64, runs=3, threads=args.threads)))
+        print(json.dumps(gen_speed(*args.gen_speed, new_tokens=32, source_tokens=64, runs=5, threads=args.threads)))
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -182,6 +218,14 @@ def main() -> None:
         teacher, student, qat_dir = w / "teacher", w / "student", w / "qat"
         packed, packed0, onnx = w / "packed", w / "packed-before", w / "onnx"
         rows = []
+        if shape in {s for s in args.export_only.split(",") if s}:
+            rows = [r for r in report["shapes"].get(shape, {}).get("stages", []) if r["stage"] not in
+                    ("export", "eval onnx")]
+            rows.append(run_stage("export", cli + ["export", str(packed), str(onnx), "--force"], logs, 900, env))
+            rows.append(run_stage("eval onnx", cli + ["eval", str(onnx), "--data", str(DATA), "--max-samples", "8",
+                                                      "--max-length", "16", "--batch-size", "8"], logs, 600, env))
+            report["shapes"][shape] = {**report["shapes"].get(shape, {}), "config": cfg, "stages": rows}
+            continue
         if not teacher.exists():
             rows.append(run_stage("build teacher", [sys.executable, "-c", _BUILD, kind, json.dumps(cfg), str(teacher),
                                                     str(TOKENIZER)], logs, 600, env))
@@ -235,6 +279,23 @@ def main() -> None:
     print(render(report))
 
 
+def regen_speed(args) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    w = args.work / "bart-base"
+    r = run_stage("generate speed", [sys.executable, __file__, "--gen-speed", str(w / "packed"), str(w / "student"),
+                                     "--threads", str(args.threads)], w / "logs", 900, env)
+    lines = [ln for ln in Path(r["log"]).read_text().splitlines() if ln.startswith("{")]
+    r["result"] = json.loads(lines[-1]) if lines else None
+    path = args.out.with_suffix(".json")
+    report = json.loads(path.read_text())
+    stages = report["shapes"]["bart-base"]["stages"]
+    report["shapes"]["bart-base"]["stages"] = [r if x["stage"] == "generate speed" else x for x in stages]
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(report) + "\n")
+    print(render(report))
+
+
 def convert_ab(args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -273,8 +334,9 @@ def render(report: dict) -> str:
                 note.append("killed at the time limit" if r["timed_out"] else f"FAILED rc {r['rc']}")
             if r.get("result"):
                 res = r["result"]
-                note.append("; ".join(f"{k}: {v['ms_per_token']} ms/token" if isinstance(v, dict) else f"{k} {v}"
-                                      for k, v in res.items()))
+                note.append("; ".join(
+                    (f"{k}: " + ", ".join(f"{v[m]} {u}" for m, u in (("ms_per_token", "ms/token"), ("step_ms", "ms/step"))
+                                          if m in v)) if isinstance(v, dict) else f"{k} {v}" for k, v in res.items()))
             lines.append(f"| {shape} | {r['stage']} | {r['seconds']:.1f} | {r['peak_rss_mib']} | {'; '.join(note)} |")
     for shape, d in report["shapes"].items():
         ab = d.get("convert_ab")

@@ -343,3 +343,54 @@ def test_parse_wea_errors(text, words):
 def test_parse_wea_custom_option_name():
     with pytest.raises(DQToolError, match="^--bits "):
         parse_wea("x", option="--bits")
+
+
+def _bits(t):
+    return t.view({torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_inference_activation_path_is_the_reference_bit_for_bit(dtype, symmetric, granularity):
+    # The fewer-ops inference path of activations (generation) against the public
+    # quantize/dequantize path, compared as raw bits: ties, zeros, -0.0, all-positive and
+    # all-negative rows, tiny and large magnitudes, with and without a clip.
+    from dqtool.qmath.quant import _fake_quant_value, fake_quant_activation_inference
+
+    g = torch.Generator().manual_seed(0)
+    for bits in (8, 4, 3, 2):
+        spec = QuantSpec.activation(bits, symmetric=symmetric, granularity=granularity)
+        for clip in ([None, torch.tensor(0.7), torch.tensor([1.3])] if symmetric else [None]):
+            for trial in range(10):
+                x = torch.randn(3, 4, 17, generator=g) * 10.0 ** (trial % 5 - 2)
+                if trial % 4 == 1:
+                    x[0, 0] = 0
+                    x[1, 2, :3] = -0.0
+                elif trial % 4 == 2:
+                    x = torch.round(x * 4) / 4
+                elif trial % 4 == 3:
+                    x = x.abs() if trial % 2 else -x.abs()
+                x = x.to(dtype)
+                c = None if clip is None else clip.to(dtype)
+                want = _fake_quant_value(x, spec, c)
+                got = fake_quant_activation_inference(x, spec, c)
+                assert got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)), (bits, clip, trial)
+                with torch.no_grad():
+                    assert torch.equal(_bits(fake_quant(x, spec, c)), _bits(want))   # fake_quant's inference branch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_code_rounding_is_round_half_to_even(dtype):
+    # The inference path's rounding (an add/sub pair, no OpenMP region) against torch.round
+    # on every half-integer and random values across the code ranges, zeros as +0.0.
+    from dqtool.qmath.quant import _round_codes_
+
+    halves = torch.arange(-600, 601, dtype=torch.float64) / 2
+    rand = (torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) - 0.5) * 520
+    for v in (halves, rand, torch.tensor([-0.0, 0.0, -0.3, 0.3, -0.5, 0.5], dtype=torch.float64)):
+        v = v.to(dtype)
+        want = torch.round(v) + 0.0
+        got = _round_codes_(v.clone())
+        assert torch.equal(_bits(got), _bits(want))

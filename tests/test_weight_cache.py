@@ -49,6 +49,58 @@ def test_cached_runtime_logits_bit_equal_to_uncached(tmp_path, arch, scheme):
             assert model.dqtool_weight_cache.entries() == 0   # freed when generate returned
 
 
+@pytest.mark.parametrize("arch,scheme", [("bart", "2-2-8"), ("t5v1_1", "2-2-8"), ("marian", "8-8-8-pact"),
+                                         ("bart", "8-8-8-asym"), ("mbart", "8-8-8-asym-tensor"),
+                                         ("t5", "4-none-8-tensor")])
+def test_inference_shortcuts_bit_equal_to_the_reference_runtime(tmp_path, monkeypatch, arch, scheme):
+    # The packed runtime's inference shortcuts (activation fake quant in fewer ops, the
+    # q/k/v input quantized once, embedding rows read from the kept table) against the
+    # runtime without them: the public quantize/dequantize path for every activation,
+    # every Linear quantizing its own input, embeddings gathered from the codes.
+    import dqtool.model.packed as packed_mod
+    import dqtool.qmath.quant as quant
+    from dqtool.model.qmodules import _ActQuant
+
+    folder = _packed(tmp_path, arch, scheme)
+    model, _ = load_packed(folder, cache="model")
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    gen = dict(max_new_tokens=6, do_sample=False, num_beams=1)
+    got, got_gen = _logits(model, ids, dec), model.generate(input_ids=ids, **gen)
+    assert torch.equal(_logits(model, ids, dec), got)   # second pass: kept weights, kept table
+    monkeypatch.setattr(quant, "fake_quant_activation_inference",
+                        lambda x, spec, clip=None: quant._fake_quant_value(x, spec, clip))
+    monkeypatch.setattr(packed_mod, "keeps", lambda *a: False)
+    ref, _ = load_packed(folder, cache="none")
+    for m in ref.modules():
+        if isinstance(m, _ActQuant):
+            m.__dict__.pop("last", None)
+    assert torch.equal(_logits(ref, ids, dec), got)
+    assert torch.equal(ref.generate(input_ids=ids, **gen), got_gen)
+
+
+def test_linears_reading_one_input_quantize_it_once(tmp_path):
+    from dqtool.model.qmodules import LastInput
+
+    model, _ = load_packed(_packed(tmp_path), cache="model")
+    attn = model.model.encoder.layers[0].self_attn
+    last = attn.q_proj.act.last
+    assert isinstance(last, LastInput) and attn.k_proj.act.last is last and model.lm_head.act.last is last
+    x = torch.randn(1, 4, attn.q_proj.in_features)
+    with torch.no_grad():
+        q = attn.q_proj.act(x)
+        assert attn.k_proj.act(x) is q and attn.v_proj.act(x) is q      # computed once
+        x.mul_(2)                                                         # an in-place edit is seen
+        q2 = attn.v_proj.act(x)
+        assert q2 is not q and torch.equal(q2, attn.q_proj.act.__class__.forward(attn.k_proj.act, x.clone()))
+    del x, q, q2
+    assert last.out is None                                               # freed with its input
+    # Training: an input that needs a gradient is never reused (each Linear's own graph).
+    x = torch.randn(1, 4, attn.q_proj.in_features, requires_grad=True)
+    assert attn.q_proj.act(x) is not attn.k_proj.act(x) and last.out is None
+    twin = copy.deepcopy(model)
+    assert twin.model.encoder.layers[0].self_attn.k_proj.act.last is twin.lm_head.act.last is not last
+
+
 def test_generate_mode_keeps_weights_only_inside_the_call(tmp_path):
     model, _ = load_packed(_packed(tmp_path), cache="generate")
     ctl = model.dqtool_weight_cache

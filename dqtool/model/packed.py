@@ -45,7 +45,7 @@ from dqtool.model.qmodules import (QuantEmbedding, QuantLinear, QuantPositionEmb
 from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
 from dqtool.model.registry import ArchSpec, get_module, spec_for
 from dqtool.qmath.scheme import QuantScheme
-from dqtool.model.weight_cache import cached, drop_entry
+from dqtool.model.weight_cache import cached, drop_entry, keeps
 
 
 def _scale_view(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -133,11 +133,12 @@ class PackedLinear(nn.Module):
 
 
 class PackedEmbedding(nn.Module):
-    """Token embedding stored as packed per-row codes; only the looked-up rows are unpacked.
+    """Token embedding stored as packed per-row codes; only the looked-up rows are unpacked
+    (or, while the weight cache keeps the dequantized table, its rows are read).
 
     Gathering codes and scales and then multiplying gives the same floats as gathering
     rows of the dequantized table (the same elementwise product), so it matches
-    :class:`~dqtool.model.qmodules.QuantEmbedding` bit for bit.
+    :class:`~dqtool.model.qmodules.QuantEmbedding` bit for bit either way.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec, qweight: torch.Tensor,
@@ -152,6 +153,9 @@ class PackedEmbedding(nn.Module):
     weight_cacheable = True  # see dqtool.model.weight_cache
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
+        if keeps(self, (self.qweight, self.scale)):
+            # The kept table (a tied lm_head keeps it anyway): rows of the same products.
+            return F.embedding(ids, self.table()) * self.embed_scale
         codes = unpack_method_codes(self.qweight[ids], self.spec.bits, self.embedding_dim, self.spec.method)
         return (codes.to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)) * self.embed_scale
 

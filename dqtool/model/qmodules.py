@@ -23,6 +23,8 @@ checkpoint.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,13 +37,53 @@ from dqtool.model.weight_cache import cached
 ATTN_IMPL = "dqtool_qat"
 
 
+class LastInput:
+    """The last dynamic activation quantization of one model, for inference.
+
+    Several Linears read the very same input tensor one after the other (an attention's
+    q/k/v projections, T5 v1.1's two gated FFN inputs); with a dynamic range (no learned
+    clip) their quantized inputs are equal, so the first computes it and the others reuse
+    it. One entry per model: the input (weakly referenced, with its in-place version
+    counter and data pointer), its spec and the result. The entry is replaced by the next different input
+    and dropped as soon as its input is freed, so at most one extra activation is kept,
+    and never beyond its input's lifetime. Training (an input that needs a gradient) and
+    inference-mode tensors (no version counter) never use it.
+    """
+
+    __slots__ = ("ref", "version", "spec", "out", "__weakref__")
+
+    def __init__(self):
+        self.ref = self.version = self.spec = self.out = None
+
+    def _drop(self, ref) -> None:
+        if self.ref is ref:
+            self.ref = self.version = self.spec = self.out = None
+
+    def __reduce__(self):
+        # A copied or pickled model starts empty (sharing between its modules is kept).
+        return LastInput, ()
+
+    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        if x.is_inference() or (x.requires_grad and torch.is_grad_enabled()):
+            return fake_quant(x, spec)
+        ref = self.ref
+        version = (x._version, x.data_ptr())   # in-place edits, and a reassigned .data
+        if ref is not None and ref() is x and self.version == version and (self.spec is spec or self.spec == spec):
+            return self.out
+        out = fake_quant(x, spec)
+        self.ref, self.version, self.spec, self.out = weakref.ref(x, self._drop), version, spec, out
+        return out
+
+
 class _ActQuant(nn.Module):
     """Fake-quantizes a module input: dynamic per-tensor, or with a learned PACT clip.
 
     A learned clip is calibrated on the first batch it sees in training: it starts at
     the 99.9th percentile of |x|, so a few outliers are clipped from step 0 and PACT's
     gradient (which flows only through clipped values) can move it. ``calibrated`` is a
-    buffer, so a resumed or reloaded model never re-calibrates.
+    buffer, so a resumed or reloaded model never re-calibrates. A dynamic quantizer given
+    a :class:`LastInput` (``last``, shared by the Linears of one model) reuses the result
+    of the same input in inference.
     """
 
     CALIBRATION_QUANTILE = 0.999
@@ -66,7 +108,10 @@ class _ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec is None:
             return x
-        if self.clip is not None and self.training and not bool(self.calibrated):
+        if self.clip is None:
+            last = self.__dict__.get("last")   # a plain attribute, not a submodule
+            return fake_quant(x, self.spec) if last is None else last.quantize(x, self.spec)
+        if self.training and not bool(self.calibrated):
             self._calibrate(x)
         return fake_quant(x, self.spec, self.clip)
 
@@ -228,7 +273,8 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     probs = F.softmax(scores, dim=-1)
     if head_mask is not None:
         probs = probs * head_mask.view(1, -1, 1, 1)
-    probs = F.dropout(probs, p=dropout, training=module.training)
+    if module.training and dropout > 0:   # (a no-op otherwise: skipped, one op less per generated token)
+        probs = F.dropout(probs, p=dropout, training=True)
     probs_q, value = (act(probs), _act_kept(module, act, value, "value")) if act is not None else (probs, value)
     out = torch.matmul(probs_q, value).transpose(1, 2).contiguous()
     return out, probs
@@ -286,6 +332,11 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
 
         validate_width(aspec, head.in_features, spec.lm_head)
     _set_module(model, spec.lm_head, QuantLinear(head, espec if tied else wspec, aspec, learned))
+    if aspec is not None and not learned:
+        last = LastInput()   # one per model: Linears reading the same input quantize it once
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.act.last = last
     if scheme.quantize_attention and aspec is not None and spec.attention_interface:
         _register_attention()
         for mod in model.modules():

@@ -121,6 +121,22 @@ def _source_key(s: torch.Tensor) -> tuple:
     return s, s._version, s.data_ptr(), s.dtype, s.device
 
 
+def _usable(module: nn.Module, sources: tuple[torch.Tensor, ...]) -> WeightCache | None:
+    # The module's cache when an entry may be used or made right now, else None.
+    ctl = module.__dict__.get(_CTL)
+    if ctl is None or not ctl.active or _exporting() \
+            or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)) \
+            or any(s.is_inference() for s in sources):   # no version counter to see in-place edits
+        return None
+    return ctl
+
+
+def keeps(module: nn.Module, sources: tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`cached` would keep (or reuse) a tensor computed from ``sources`` now:
+    a module can then read its whole kept table instead of computing a part of it."""
+    return _usable(module, sources) is not None
+
+
 def cached(module: nn.Module, sources: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor],
            slot=None) -> torch.Tensor:
     """``compute()``, kept while ``sources`` stay the same tensors with the same contents.
@@ -130,10 +146,8 @@ def cached(module: nn.Module, sources: tuple[torch.Tensor, ...], compute: Callab
     ``slot`` names the entry (default: the module); modules computing the same tensor
     from the same sources pass the same slot and share one entry.
     """
-    ctl = module.__dict__.get(_CTL)
-    if ctl is None or not ctl.active or _exporting() \
-            or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)) \
-            or any(s.is_inference() for s in sources):   # no version counter to see in-place edits
+    ctl = _usable(module, sources)
+    if ctl is None:
         return compute()
     slot = id(module) if slot is None else slot
     entry = ctl._entries.get(slot)

@@ -64,6 +64,7 @@ Rounding is ``torch.round``: round half to even (2.5 -> 2, 3.5 -> 4), as ONNX
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ TERNARY_THRESHOLD = 0.7
 SCALE_EPS = 1e-8
 
 
+@functools.lru_cache(maxsize=None)
 def _eps(dtype: torch.dtype) -> float:
     # 1e-8 underflows to 0 in float16; use its smallest normal number there instead.
     return max(SCALE_EPS, torch.finfo(dtype).tiny)
@@ -722,8 +724,79 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = torch.tensor(float(clip), dtype=x.dtype, device=x.device)
     if not torch.is_grad_enabled() or not (x.requires_grad or (clip is not None and clip.requires_grad)):
+        if spec.role == "activation" and spec.method == "minmax" and spec.granularity != "block":
+            return fake_quant_activation_inference(x, spec, clip)   # the same value in fewer ops
         return _fake_quant_value(x, spec, clip)   # inference: the same forward value, no autograd node
     return _FakeQuantSTE.apply(x, clip, spec)
+
+
+# x + c - c rounds half to even for |x| <= 2**(mantissa bits - 1), exactly as torch.round,
+# and gives +0.0 where torch.round gives -0.0 (what the int8 round trip of the reference
+# path gives too). bfloat16 (8 bits) cannot hold 8-bit codes this way: torch.round there.
+_ROUND_MAGIC = {torch.float32: 1.5 * 2 ** 23, torch.float64: 1.5 * 2 ** 52, torch.float16: 1.5 * 2 ** 10}
+
+
+def _round_codes_(t: torch.Tensor) -> torch.Tensor:
+    # In place: round half to even of values within +-(2**bits) (codes before the clamp),
+    # zeros as +0.0. torch.round on CPU opens an OpenMP region from about a thousand
+    # elements (a key/value cache, an FFN row): with 2 threads on a busy machine that is
+    # milliseconds per call, while the add/sub pair stays on one thread at these sizes.
+    c = _ROUND_MAGIC.get(t.dtype)
+    return t.round_().add_(0.0) if c is None else t.add_(c).sub_(c)
+
+
+def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None) -> torch.Tensor:
+    """The forward value of :func:`fake_quant` for a ``minmax`` activation (per token or per
+    tensor, symmetric with or without a clip, or asymmetric), bit for bit, in fewer ops.
+
+    Inference (generation) calls the activation quantizer dozens of times per generated
+    token on tensors of one row, where each op costs more in dispatch than in arithmetic.
+    This computes the very same float operations as :func:`_fake_quant_value` (the same
+    scale, the same ``round(x / scale)``, the same clamp, the same product with the same
+    scale, in the same order and dtype) and leaves out only what cannot change a value:
+    the round trip of the integer codes through int8/uint8 (exact for integers in the
+    code range), the defensive clone of the scale and the reshapes of per-token views; the
+    rest runs in place on fresh tensors (``x`` is read, never written). Rounding half to
+    even is ``v + c - c`` (``c = 1.5 * 2**23`` in float32), the same integers as
+    ``torch.round`` for every code-range value and +0.0 where the reference's int8 round
+    trip makes +0.0 of a rounded -0.0 (bfloat16: ``torch.round`` and ``+ 0.0``). The one
+    difference: a NaN input under a clip stays NaN here (the int8 round trip gives it an
+    arbitrary code); without a clip a NaN makes its row's scale NaN in both. No autograd:
+    call it only where nothing needs a gradient (:func:`fake_quant` does).
+
+    Example:
+        >>> spec = QuantSpec.activation(8)
+        >>> x = torch.tensor([[0.3, -1.0, 0.001], [2.0, 0.0, -0.5]])
+        >>> torch.equal(fake_quant_activation_inference(x, spec), _fake_quant_value(x, spec, None))
+        True
+    """
+    if spec.role != "activation" or spec.granularity not in ("token", "tensor") or spec.method != "minmax":
+        raise ValueError(f"fake_quant_activation_inference() is for minmax activations per token or tensor, got "
+                         f"{spec.role} {spec.method} per {spec.granularity}")
+    token = spec.granularity == "token"
+    qmax = float(spec.qmax)
+    if not spec.symmetric:
+        if clip is not None:
+            raise ValueError("asymmetric activation quantization is dynamic: clip is not supported")
+        # activation_qparams(), quantize() and dequantize() with the zero point kept as a float.
+        lo = torch.clamp(x.amin(dim=-1, keepdim=True) if token else x.amin(), max=0)
+        hi = torch.clamp(x.amax(dim=-1, keepdim=True) if token else x.amax(), min=0)
+        scale = hi.sub_(lo).div_(qmax).clamp_min_(_eps(x.dtype))
+        zp = torch.round(lo.neg_().div_(scale)).clamp_(0.0, qmax)
+        q = _round_codes_(torch.div(x, scale)).add_(zp).clamp_(0.0, qmax)
+        return q.sub_(zp).mul_(scale)
+    if clip is None:   # compute_scale(): max|x| / qmax
+        a = x.abs()
+        scale = (a.amax(dim=-1, keepdim=True) if token else a.amax()).div_(qmax).clamp_min_(_eps(x.dtype))
+    else:              # quantize_weight() with a clip: clamp to [-clip, clip], scale clip / qmax
+        c = torch.as_tensor(clip, dtype=x.dtype, device=x.device).detach()
+        if c.numel() != 1:    # one clip per token: rare, the reference path handles the shapes
+            return _fake_quant_value(x, spec, clip)
+        c = c.reshape(())
+        x = torch.clamp(x, -c, c)
+        scale = (c / qmax).clamp_min(_eps(x.dtype))
+    q = _round_codes_(torch.div(x, scale)).clamp_(-qmax, qmax)
+    return q.mul_(scale)
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None,

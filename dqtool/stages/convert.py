@@ -144,17 +144,28 @@ def _check_inputs(config, cfg: ConvertConfig) -> torch.Tensor:
     return torch.randint(min(4, vocab - 1), vocab, (cfg.check_samples, cfg.check_length), generator=g)
 
 
+def _greedy(new_tokens: int) -> dict:
+    return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
+
+
 @torch.no_grad()
-def compare(ref, model, ids: torch.Tensor, new_tokens: int) -> dict:
+def reference_outputs(ref, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(greedy tokens, teacher-forced logits on them)`` of ``ref``: what :func:`compare`
+    compares against, computed once for several candidates (the reference is deterministic)."""
+    a = ref.generate(input_ids=ids, **_greedy(new_tokens))
+    return a, ref(input_ids=ids, decoder_input_ids=a).logits
+
+
+@torch.no_grad()
+def compare(ref, model, ids: torch.Tensor, new_tokens: int, ref_out: tuple | None = None) -> dict:
     """Logits and greedy tokens of ``model`` against ``ref`` on ``ids``.
 
     Returns ``max_abs`` and ``rel`` (max|dlogit| / max|logit|) of teacher-forced logits
-    and ``tokens_equal`` for greedy generation of ``new_tokens`` tokens.
+    and ``tokens_equal`` for greedy generation of ``new_tokens`` tokens. ``ref_out``: the
+    reference's :func:`reference_outputs`, when already computed.
     """
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1)
-    a = ref.generate(input_ids=ids, **gen)
-    b = model.generate(input_ids=ids, **gen)
-    la = ref(input_ids=ids, decoder_input_ids=a).logits
+    a, la = ref_out if ref_out is not None else reference_outputs(ref, ids, new_tokens)
+    b = model.generate(input_ids=ids, **_greedy(new_tokens))
     lb = model(input_ids=ids, decoder_input_ids=a).logits
     diff = (la.float() - lb.float()).abs().max().item()
     return {"max_abs": diff, "rel": diff / max(la.abs().max().item(), 1e-12), "bit_exact": torch.equal(la, lb),
@@ -216,6 +227,11 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
     # at BART-base shape it takes seconds instead of minutes.
     set_weight_cache(qat_model, cfg.weight_cache)
     tried = {}
+    # The reference's tokens and logits are the same for every candidate: computed once,
+    # then the QAT side's kept weights are freed.
+    ref_out = reference_outputs(qat_model, ids, cfg.check_length)
+    set_weight_cache(qat_model, "none")
+    built = []
 
     group_of = {k: g for g, keys in groups.items() for k in keys}
     # Per tensor: what float16 cannot hold (overflow, underflow) stays float32 in every trial.
@@ -224,10 +240,21 @@ def _choose_float_dtype(qat_model, packed, layout, floats, qstate, cfg: ConvertC
     def attempt(label: str, dtypes: dict[str, str]):
         stored = {k: v.to(FLOAT_DTYPES["float32" if k in keep32 and dtypes[group_of[k]] == "float16"
                                        else dtypes[group_of[k]]]) for k, v in floats.items()}
-        model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
-        set_weight_cache(model, cfg.weight_cache)
-        model.generation_config = copy.deepcopy(qat_model.generation_config)
-        check = compare(qat_model, model, ids, cfg.check_length)
+        if built:
+            # One packed model for every candidate: only its floats change, loaded as
+            # build_packed_model loads them (rounded to the candidate dtype, computed in
+            # float32); the packed tensors and their kept weights stay.
+            model = built[0]
+            state = model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for k, v in stored.items():
+                    state[k].copy_(v.to(state[k].dtype))
+        else:
+            model = build_packed_model(qat_model.config, qat_model.dqtool_scheme, packed, layout, stored, qstate)
+            set_weight_cache(model, cfg.weight_cache)
+            model.generation_config = copy.deepcopy(qat_model.generation_config)
+            built.append(model)
+        check = compare(qat_model, model, ids, cfg.check_length, ref_out)
         tried[label] = check
         ok = check["bit_exact"] or (check["tokens_equal"] and check["rel"] <= cfg.tolerance)
         return ok, stored, check
