@@ -209,14 +209,15 @@ def test_bench_cuda_without_gpu_is_a_clear_error(tmp_path):
 
 
 def test_shipped_recipes_validate():
-    """The recipes in recipes/ load: the demo trains on the teacher's outputs with per-token
+    """The recipes in recipes/ load: the demo trains on the teacher's outputs with MatMulNBits-block
     activations; the paper recipes keep DQ-BART's per-batch (per-tensor) ranges."""
     from dqtool.compress import load_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes"
     demo = load_recipe(root / "demo.yaml")
     assert {c.targets for c in demo.qats.values()} == {"teacher"}
-    assert {c.scheme.act_granularity for c in demo.qats.values()} == {"token"}
+    assert {c.scheme.act_granularity for c in demo.qats.values()} == {"block"}   # issue 16: one MatMulNBits per Linear
+    assert all(c.scheme.act_symmetric for c in demo.qats.values())
     # issue 15: the 2-bit student's weights are a learned ternary (lsq), 8-bit ones min-max
     assert {w: c.scheme.weight_spec().method for w, c in demo.qats.items()} == {"2-2-8": "lsq", "8-8-8": "minmax"}
     for p in sorted((root / "paper-demo").glob("*.yaml")):   # the paper's table on the demo teacher
