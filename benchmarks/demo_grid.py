@@ -26,6 +26,10 @@ so the grid runs in pieces, one cell per call:
 
     flock /tmp/dqtool-heavy.lock .venv/bin/python benchmarks/demo_grid.py run d=3+2,wea=2-2-8,m=seq
     .venv/bin/python benchmarks/demo_grid.py list          # the cells scored so far
+
+A cells file belongs to one teacher: the first run records the teacher's weights hash, and a run
+with another teacher is refused (a retrained teacher differs: float rounding differs between
+CPUs). Score another teacher into its own file with ``--cells`` (before the subcommand).
 """
 
 from __future__ import annotations
@@ -66,6 +70,16 @@ def cell_name(c: dict) -> str:
 
 def folder_name(name: str) -> str:
     return name.replace("=", "").replace(",", "_").replace("+", "p")
+
+
+def teacher_sha256(teacher: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(teacher / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_cells() -> dict:
@@ -178,6 +192,12 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     doc = load_cells()
+    sha = teacher_sha256(args.teacher)
+    known = doc["meta"].get("teacher_sha256")
+    if doc["meta"].get("teacher") and known != sha:
+        raise SystemExit(f"{CELLS} was scored with another teacher ({known or 'hash not recorded'}; "
+                         f"{args.teacher} is {sha[:16]}): pass --cells NEW.json to score this teacher apart")
+    doc["meta"]["teacher_sha256"] = sha
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     for spec in args.cells:
@@ -343,6 +363,8 @@ def table(args) -> None:
 
     def section(key, title, note, items, seeds=None):
         nonlocal md
+        if key not in args.sections.split(","):
+            return
         md += [f"## {title}", "", note, ""] + head
         out["sections"][key] = {}
         for label, want in items:
@@ -400,7 +422,7 @@ def plot(out: dict, path: Path) -> None:
                     fmt=marks.get(scheme, "o"), color=colors.get(d, "k"), ms=8, capsize=3,
                     label=f"demo {d} {scheme}, lr 2e-3")
     for label in ("ternary (TWN), lr 5e-4 [before]", "seq four-level, lr 5e-4", "lsq learned ternary, lr 5e-4"):
-        g = out["sections"]["seeds"].get(label)
+        g = out["sections"].get("seeds", {}).get(label)
         if g and g["stats"] and g["footprint"]:
             st = g["stats"]
             ax.errorbar(g["footprint"]["ratio_to_teacher"], st["drop_pct"],
@@ -425,6 +447,7 @@ def plot(out: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=Path, default=CELLS, help="the cells file (one per teacher)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train (or resume) and score the given cells")
     r.add_argument("cells", nargs="+", help="cell specs, e.g. d=3+2,wea=2-2-8,m=seq,seed=1")
@@ -439,7 +462,9 @@ def main() -> None:
     t.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo_grid")
     t.add_argument("--best-m", default="lsq")
     t.add_argument("--best-lr", default="2e-3")
+    t.add_argument("--sections", default="levers,seeds,steps,grid,ablations", help="tables written, comma-separated")
     args = ap.parse_args()
+    globals()["CELLS"] = args.cells.resolve()   # load_cells/save_cells read the module's CELLS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO))
