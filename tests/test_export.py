@@ -75,6 +75,66 @@ def test_export_uses_quantized_ops_and_generates_like_packed_runtime(tmp_path, a
         ref.generate(input_ids=ids, attention_mask=mask, **gen).tolist()
 
 
+@pytest.mark.parametrize("scheme,wide", [("8-8-8-asym", True), ("8-8-8-asym-tensor", True), ("8-8-8-pact", True),
+                                         ("2-2-8", False)])
+def test_integer_weights_cannot_saturate_u8s8_kernels(tmp_path, scheme, wide):
+    """ORT's u8s8 int8 GEMMs on CPUs without VNNI (AVX2) sum pairs of uint8 x int8 products in
+    int16 with saturation, so an int8 weight code above 64 in magnitude can give wrong sums
+    (8-bit weights did: the export check failed on an AVX2 machine, passed on AVX-512 VNNI).
+    Whatever the CPU, every int8 weight ORT's kernels see stays within 64; 8-bit weights go
+    to MatMulInteger as uint8 + 128 with zero point 128 (u8u8: exact everywhere)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from dqtool.qmath.onnx_ops import U8S8_SAFE_MAX_CODE
+
+    packed = _packed(tmp_path, "bart", scheme)
+    export(packed, tmp_path / "onnx")
+    gdir = graph_folder(tmp_path / "onnx")
+    seen = {"uint8": 0, "int8": 0}
+    for fname in (ENCODER_FILE, DECODER_FILE):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(gdir / f"opt-{fname}")   # beside the external data it names
+        ort.InferenceSession(str(gdir / fname), so, providers=["CPUExecutionProvider"])
+        opt = onnx.load(str(gdir / f"opt-{fname}"))
+        inits = {i.name: i for g in _all_graphs(opt.graph) for i in g.initializer}
+        for g in _all_graphs(opt.graph):
+            for n in g.node:
+                if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") and n.input[1] in inits:
+                    b = numpy_helper.to_array(inits[n.input[1]])
+                    if b.dtype == np.int8:
+                        seen["int8"] += 1
+                        assert int(np.abs(b.astype(np.int32)).max()) <= U8S8_SAFE_MAX_CODE, (fname, n.name)
+                    else:
+                        assert b.dtype == np.uint8, (fname, n.name, b.dtype)
+                        seen["uint8"] += 1
+    assert seen["uint8" if wide else "int8"] > 0 and seen["int8" if wide else "uint8"] == 0, seen
+
+
+def test_ort_u8u8_matmul_integer_is_exact_at_the_extremes():
+    """The premise of the uint8 weights above, on this machine's kernels: MatMulInteger with
+    uint8 A at 255 and uint8 B at 0 or 255 with zero point 128 (codes -128 / +127) gives the
+    exact int32 sums (a u8s8 kernel without VNNI saturates these at 32767 per pair)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = 64
+    node = helper.make_node("MatMulInteger", ["a", "b", "", "bzp"], ["y"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 2])],
+        [helper.make_tensor("b", TensorProto.UINT8, [k, 2], [0, 255] * k),
+         helper.make_tensor("bzp", TensorProto.UINT8, [], [128])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.full((2, k), 255, np.uint8)
+    a[1, ::2] = 0
+    y = sess.run(None, {"a": a})[0]
+    want = (a.astype(np.int64) @ (np.array([[0, 255]] * k, np.int64) - 128))
+    assert np.array_equal(y, want), (y, want)
+
+
 @pytest.mark.parametrize("scheme", ["2-2-8", "8-8-8-asym"])
 def test_per_token_activations_make_a_row_independent_of_its_batch(tmp_path, scheme):
     """With per-token activation ranges a request's tokens do not depend on what else is in

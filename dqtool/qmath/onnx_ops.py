@@ -11,6 +11,8 @@ float rounding of the final rescale::
 
     x --(|x|max/qmax per token or tensor | PACT clip)--> codes (+128 as uint8, zero point
       128: ORT's fast u8s8 kernels) --MatMulInteger(int8 W codes [K, N])--> int32
+      (8-bit W codes as uint8 + 128 with zero point 128: u8s8 saturates int16 pair sums on
+      CPUs without VNNI, u8u8 is exact everywhere; see :func:`weight_as_uint8`)
       --Cast--> * s_x * s_w[N] + bias
     asymmetric per tensor (8-bit): DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp)
     (ORT fuses these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
@@ -184,8 +186,39 @@ def _fake_quant_act(g, x, plan: LinearPlan):
     return g.op("Mul", r if zp is None else g.op("Sub", r, zp), s)
 
 
+# u8s8 int8 GEMMs on x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) sum pairs of uint8 x int8
+# products in int16 with saturation (vpmaddubsw): 255 * |w| * 2 must stay <= 32767, so weight
+# codes up to 64 in magnitude are exact everywhere, larger ones (8-bit weights) are not.
+U8S8_SAFE_MAX_CODE = 64
+
+
+def weight_max_code(bits: int, odd_codes: bool) -> int:
+    """Largest magnitude of a ``bits``-bit weight code (symmetric: ``2**(bits-1)``; odd codes:
+    ``2**bits - 1``).
+
+    Example:
+        >>> weight_max_code(8, False), weight_max_code(4, False), weight_max_code(2, True)
+        (128, 8, 3)
+    """
+    return odd_offset(bits) if odd_codes else zero_point(bits)
+
+
+def weight_as_uint8(plan: LinearPlan) -> bool:
+    """Whether the integer path stores this Linear's weight codes as uint8 ``code + 128`` with
+    the zero point 128 (ORT's u8u8 kernels, exact on every CPU) instead of int8 (u8s8, which
+    saturates on CPUs without VNNI once codes exceed :data:`U8S8_SAFE_MAX_CODE`: 8-bit weights).
+
+    Example:
+        >>> [weight_max_code(b, False) > U8S8_SAFE_MAX_CODE for b in (8, 4, 3, 2)]   # the test below, per bits
+        [True, False, False, False]
+    """
+    return weight_max_code(plan.bits, plan.odd_codes) > U8S8_SAFE_MAX_CODE
+
+
 def _weight_codes_kn(g, qweight, plan: LinearPlan):
-    """int8 codes ``[K, N]`` from the packed ``[N, row_bytes]`` initializer (constant-folded by ORT)."""
+    """``(codes [K, N], zero point)`` from the packed ``[N, row_bytes]`` initializer (constant-folded
+    by ORT): int8 codes and no zero point, or -- :func:`weight_as_uint8` -- uint8 ``code + 128``
+    and the uint8 zero point 128 (the same integers to MatMulInteger)."""
     bits, k, n = plan.bits, plan.in_features, plan.out_features
     u = qweight
     if bits != 8:
@@ -201,7 +234,10 @@ def _weight_codes_kn(g, qweight, plan: LinearPlan):
         c = g.op("Sub", g.op("Mul", c, _const(g, 2, torch.int32)), _const(g, odd_offset(bits), torch.int32))
     else:
         c = g.op("Sub", c, _const(g, zero_point(bits), torch.int32))
-    return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("INT8")), perm_i=[1, 0])
+    if weight_as_uint8(plan):
+        c = g.op("Add", c, _const(g, 128, torch.int32))
+        return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("UINT8")), perm_i=[1, 0]), _const(g, 128, torch.uint8)
+    return g.op("Transpose", g.op("Cast", c, to_i=_onnx_type("INT8")), perm_i=[1, 0]), None
 
 
 def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
@@ -230,14 +266,17 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     return b, s, zp
 
 
-def _integer_matmul(g, q, w, zp, plan: LinearPlan):
-    """int32 ``(q - zp) @ w``: MatMulInteger with a scalar zero point, or (per-token
-    zero points) without one, minus ``zp * colsum(w)`` -- exact in int32."""
+def _integer_matmul(g, q, w, w_zp, zp, plan: LinearPlan):
+    """int32 ``(q - zp) @ (w - w_zp)``: MatMulInteger with a scalar zero point, or (per-token
+    zero points) with zero point 0, minus ``zp * colsum(w - w_zp)`` -- exact in int32."""
     if not _token_zero_points(plan):
-        return g.op("MatMulInteger", q, w, zp)
-    colsum = g.op("ReduceSum", g.op("Cast", w, to_i=_onnx_type("INT32")), _const(g, [0], torch.int64),
-                  keepdims_i=0)                                                     # [N], constant-folded
-    return g.op("Sub", g.op("MatMulInteger", q, w), g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
+        return g.op("MatMulInteger", q, w, zp) if w_zp is None else g.op("MatMulInteger", q, w, zp, w_zp)
+    signed = g.op("Cast", w, to_i=_onnx_type("INT32"))
+    if w_zp is not None:
+        signed = g.op("Sub", signed, _const(g, 128, torch.int32))
+    colsum = g.op("ReduceSum", signed, _const(g, [0], torch.int64), keepdims_i=0)   # [N], constant-folded
+    mm = g.op("MatMulInteger", q, w) if w_zp is None else g.op("MatMulInteger", q, w, _const(g, 0, torch.uint8), w_zp)
+    return g.op("Sub", mm, g.op("Mul", g.op("Cast", zp, to_i=_onnx_type("INT32")), colsum))
 
 
 def kernel_int8_compute(bits: int, block_size: int) -> bool:
@@ -288,7 +327,8 @@ class _QLinearFn(torch.autograd.Function):
     def symbolic(g, x, qweight, scale, bias, plan: LinearPlan, spec, aspec):
         if plan.path == INTEGER:
             q, s, zp = _act_codes(g, x, plan)
-            y = _integer_matmul(g, q, _weight_codes_kn(g, qweight, plan), zp, plan)
+            w, w_zp = _weight_codes_kn(g, qweight, plan)
+            y = _integer_matmul(g, q, w, w_zp, zp, plan)
             y = g.op("Cast", y, to_i=_onnx_type("FLOAT"))
             if plan.per_row:
                 # (y * s[..., 1]) * s_w[N]: not Mul(y, Mul(s, s_w)), which ORT would fuse into
