@@ -447,7 +447,7 @@ def plot(out: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", type=Path, default=CELLS, help="the cells file (one per teacher)")
+    ap.add_argument("--cells", dest="cells_file", type=Path, default=CELLS, help="the cells file (one per teacher)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train (or resume) and score the given cells")
     r.add_argument("cells", nargs="+", help="cell specs, e.g. d=3+2,wea=2-2-8,m=seq,seed=1")
@@ -464,7 +464,7 @@ def main() -> None:
     t.add_argument("--best-lr", default="2e-3")
     t.add_argument("--sections", default="levers,seeds,steps,grid,ablations", help="tables written, comma-separated")
     args = ap.parse_args()
-    globals()["CELLS"] = args.cells.resolve()   # load_cells/save_cells read the module's CELLS
+    globals()["CELLS"] = args.cells_file.resolve()   # load_cells/save_cells read the module's CELLS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO))
