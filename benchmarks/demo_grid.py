@@ -140,6 +140,13 @@ def student_for(c: dict, recipe, work: Path, teacher: Path) -> Path:
         shutil.copytree(copy_dir, tmp)   # tokenizer, generation config, distill manifest (layer map)
         fresh.generation_config = model.generation_config
         fresh.save_pretrained(tmp)
+        # Re-seal the folder: the copied distill manifest hashes the copied weights.
+        from dqtool.formats.manifest import read_manifest, write_manifest
+
+        m = read_manifest(tmp)
+        std = ("dqtool_version", "stage", "created_utc", "inputs", "config", "files")
+        write_manifest(tmp, m["stage"], m["inputs"], m["config"],
+                       extra={**{k: v for k, v in m.items() if k not in std}, "init": "random (from config, seed 0)"})
         os.replace(tmp, rand)
     return rand
 
