@@ -73,13 +73,9 @@ def folder_name(name: str) -> str:
 
 
 def teacher_sha256(teacher: Path) -> str:
-    import hashlib
+    from dqtool.formats.manifest import sha256_file
 
-    h = hashlib.sha256()
-    with open(teacher / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(teacher / "model.safetensors")
 
 
 def load_cells() -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import platform
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_scoring import student_and_scorer  # noqa: E402  (benchmarks/demo_scoring.py)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -39,9 +42,6 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main() -> None:
     from dqtool.compress import load_recipe
-    from dqtool.data.pairs import DataConfig
-    from dqtool.stages.distill import distill
-    from dqtool.stages.evaluate import EvalConfig, evaluate_model
     from dqtool.stages.qat import qat
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,25 +61,7 @@ def main() -> None:
     variants = dict(parse_variant(v) for v in args.variant)
     weas = args.schemes.split(",") if args.schemes else list(recipe.qats)
     work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    student = work / "student"
-    if not student.exists():
-        distill(args.teacher, student, recipe.distill)
-    score_file = work / "scores.json"
-    scores = json.loads(score_file.read_text()) if score_file.is_file() else {}
-    any_cfg = next(iter(recipe.qats.values()))
-    ecfg = EvalConfig(data=any_cfg.data, split="test",
-                      data_cfg=DataConfig(source_max_length=any_cfg.source_max_length, prefix=any_cfg.prefix),
-                      max_length=any_cfg.target_max_length, batch_size=64, max_samples=args.eval_samples)
-
-    def score(name: str, folder: Path) -> dict:
-        key = f"{name}@{args.eval_samples}"
-        if key not in scores:
-            r = evaluate_model(folder, None, ecfg)
-            scores[key] = {k: round(v, 2) for k, v in r.metrics.items() if k.startswith("rouge")}
-            scores[key]["rows"] = len(r.predictions)
-            score_file.write_text(json.dumps(scores, indent=1) + "\n")
-        return scores[key]
+    student, score = student_and_scorer(args.teacher, recipe, work, args.eval_samples)
 
     teacher = score("teacher", args.teacher)
     rows = []
