@@ -1,4 +1,4 @@
-"""Microbenchmark: onnxruntime's quantized matmul kernels at BART-base decoder shapes, M=1 and M=8.
+"""Microbenchmark: onnxruntime's quantized matmul kernels at BART-base decoder shapes, M=1 and M=8 (``--rows``).
 
 Kernels, each one ONNX node on random weights (one graph per kernel and shape):
 
@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of " + ", ".join(SHAPES))
+    ap.add_argument("--rows", default="1,8", help="comma-separated M (input rows): 1 and 8 are decode steps at "
+                    "batch 1 and 8; 128 is an encoder pass over a 128-token source")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "nbits_kernels"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -116,7 +118,7 @@ def main() -> None:
     rows = []
     for name in a.shapes.split(","):
         k, n = SHAPES[name]
-        for m in (1, 8):
+        for m in (int(v) for v in a.rows.split(",")):
             x = rng.standard_normal((m, k)).astype(np.float32)
             xq = fake_quant(torch.from_numpy(x), aspec).numpy()          # training's block semantics
             row = {"shape": name, "K": k, "N": n, "M": m}
