@@ -91,7 +91,8 @@ def run_stage(name: str, cmd: list[str], log_dir: Path, timeout: float, env: dic
 
 def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, runs: int, threads: int) -> dict:
     """ms per generated token (batch 1, greedy) of the fp32 student and the packed folder
-    (weight cache "model", and "none" = the runtime before the cache, fewer runs).
+    (weight cache "model" with the float matmul and with matmul="integer", and "none" = the
+    runtime before the cache, fewer runs).
 
     Two measures: ``ms_per_token`` = (generate of N tokens - generate of 1) / (N - 1),
     medians of ``runs``; ``step_ms`` = the median wall time of one decoder forward
@@ -128,7 +129,9 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
     t = time.perf_counter()
     timed(model, 1)
     first = round(time.perf_counter() - t, 2)
-    models = {"fp32 student (PyTorch)": fp32, "packed, cache=model": model}
+    imodel, _ = load_packed(packed, cache="model", matmul="integer")
+    timed(imodel, 1)
+    models = {"fp32 student (PyTorch)": fp32, "packed, cache=model": model, "packed, matmul=integer": imodel}
     steps = {k: hooked(m) for k, m in models.items()}
     ones, fulls, step_ms = {k: [] for k in models}, {k: [] for k in models}, {k: [] for k in models}
     for m in models.values():
@@ -146,12 +149,17 @@ def gen_speed(packed: str, student: str, new_tokens: int, source_tokens: int, ru
                   "step_ms": round(1000 * statistics.median(step_ms[k]), 2), "generate_ms": round(1000 * full, 1),
                   "new_tokens": new_tokens, "runs": runs}
     out["packed, cache=model"]["kept_mib"] = round(model.dqtool_weight_cache.nbytes() / 2**20)
+    out["packed, matmul=integer"]["kept_mib"] = round(imodel.dqtool_weight_cache.nbytes() / 2**20)
+    out["integer / fp32 per token"] = round(out["packed, matmul=integer"]["ms_per_token"]
+                                            / out["fp32 student (PyTorch)"]["ms_per_token"], 3)
+    out["integer / fp32 per step"] = round(out["packed, matmul=integer"]["step_ms"]
+                                           / out["fp32 student (PyTorch)"]["step_ms"], 3)
     out["first call (dequantizes once), s"] = first
     out["packed / fp32 per token"] = round(out["packed, cache=model"]["ms_per_token"]
                                            / out["fp32 student (PyTorch)"]["ms_per_token"], 3)
     out["packed / fp32 per step"] = round(out["packed, cache=model"]["step_ms"]
                                           / out["fp32 student (PyTorch)"]["step_ms"], 3)
-    del model, models, fp32
+    del model, imodel, models, fp32
     model, _ = load_packed(packed, cache="none")
     s = hooked(model)
     timed(model, 4)

@@ -109,10 +109,14 @@ def distill(teacher, out, encoder_layers, decoder_layers, map_scheme, encoder_ma
               help="Source tokens kept (truncated; also capped at the model's position table).")
 @click.option("--prefix", default="", help="Task prefix prepended to every source (T5 style).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--matmul", type=click.Choice(["float", "integer"]), default="float", show_default=True,
+              help="Packed folders: float (the QAT model's logits bit for bit) or integer (int8 input codes x "
+                   "weight codes, exact int32 sums: faster, equal up to float32 rounding).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write metrics, config and predictions to this JSON file.")
 def eval_(model, data, split, preset, num_beams, max_length, min_length, length_penalty, no_repeat_ngram_size,
-          batch_size, max_samples, metrics, source_field, target_field, source_max_length, prefix, device, out_path):
+          batch_size, max_samples, metrics, source_field, target_field, source_max_length, prefix, device, matmul,
+          out_path):
     """Generate with MODEL on a data split and print ROUGE (and BLEU/chrF).
 
     MODEL is a Hugging Face model folder or hub id, a 'dqtool qat' output or a 'dqtool convert' output.
@@ -126,7 +130,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
     dcfg = DataConfig(source_field=source_field, target_field=target_field, prefix=prefix,
                       source_max_length=source_max_length)
     cfg = EvalConfig.preset(preset, data=data, split=split, data_cfg=dcfg, batch_size=batch_size,
-                            max_samples=max_samples, device=device,
+                            max_samples=max_samples, device=device, matmul=matmul,
                             metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()), **overrides)
     res = evaluate_model(model, out_path, cfg)
     click.echo(f"{model} ({res.model_kind}) on {split}: {len(res.predictions)} rows in {res.seconds:.1f}s")

@@ -16,7 +16,7 @@ from dqtool.data.pairs import TOO_LONG, DataConfig
 from dqtool.formats.packed import FLOAT_DTYPES
 from dqtool.model.layermap import SCHEMES
 from dqtool.model.losses import LOGIT_LOSSES, LossConfig
-from dqtool.model.packed import STORAGES
+from dqtool.model.packed import MATMULS as PACKED_MATMULS, STORAGES
 from dqtool.qmath.quant import ACT_GRANULARITIES, GRANULARITIES, METHODS
 from dqtool.qmath.scheme import ACT_CLIPS, QuantScheme
 from dqtool.stages.bench.stage import BenchConfig
@@ -62,6 +62,7 @@ NOT_A_FIELD = {
 CHOICES = {
     ("distill", "map_scheme"): SCHEMES,
     ("eval", "preset"): tuple(PRESETS),
+    ("eval", "matmul"): PACKED_MATMULS,
     ("qat", "weight_granularity"): GRANULARITIES,
     ("qat", "weight_method"): METHODS,
     ("qat", "act_clip"): ACT_CLIPS,

@@ -171,3 +171,24 @@ def test_model_kinds_are_detected_most_specific_first(tmp_path, tiny_dir, data, 
     monkeypatch.setitem(LOADERS, "odd", lambda src, threads: load(src))
     res = evaluate_model(odd, None, EvalConfig(data=data, max_length=4))
     assert res.model_kind == "odd" and calls == [str(odd)] and len(res.predictions) == 5
+
+
+def test_eval_matmul_integer_on_a_packed_folder(tmp_path, data, tiny_dir):
+    # --matmul integer: the packed folder's Linears in integers; greedy predictions equal the
+    # float runtime's on the tiny model; any other kind of folder is a one-line error.
+    from test_weight_cache import _packed
+
+    folder = _packed(tmp_path, "bart", "2-2-8")
+    outs = {}
+    for mm in ("float", "integer"):
+        out = tmp_path / f"{mm}.json"
+        r = CliRunner().invoke(main, ["eval", str(folder), "--data", str(data), "--max-length", "8",
+                                      "--matmul", mm, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        outs[mm] = json.loads(out.read_text())
+    assert outs["integer"]["config"]["matmul"] == "integer" and outs["integer"]["model_kind"] == "packed"
+    assert outs["integer"]["predictions"] == outs["float"]["predictions"]
+    r = CliRunner().invoke(main, ["eval", str(tiny_dir("bart")), "--data", str(data), "--matmul", "integer"])
+    assert r.exit_code != 0 and "--matmul integer computes from packed integers" in r.output
+    with pytest.raises(DQToolError, match="matmul"):
+        EvalConfig(data="d", matmul="int4")

@@ -193,3 +193,76 @@ def test_unknown_cache_mode_is_one_line_error(tmp_path):
         load_packed(tmp_path, cache="always")
     with pytest.raises(DQToolError, match="weight cache"):
         ConvertConfig(weight_cache="fast")
+
+
+# --------------------------------------------------------------------------- integer matmul
+
+INTEGER_CASES = [("bart", "2-2-8"), ("mbart", "2-2-8"), ("marian", "8-8-8-pact"), ("pegasus", "2-2-8"),
+                 ("t5", "4-none-8-tensor"), ("t5v1_1", "2-2-8")]
+
+
+@pytest.mark.parametrize("arch,scheme", INTEGER_CASES)
+def test_integer_matmul_equals_float_runtime_up_to_rounding(tmp_path, arch, scheme):
+    # matmul="integer": int8 input codes x weight codes summed exactly in int32, then the two
+    # scales. Logits equal the float runtime's (the QAT model's) up to float32 rounding; the
+    # greedy tokens are the same.
+    from dqtool.model.packed import PackedLinear
+
+    folder = _packed(tmp_path, arch, scheme)
+    ref, _ = load_packed(folder)
+    model, _ = load_packed(folder, matmul="integer")
+    n_int = sum(isinstance(m, PackedLinear) and m.matmul == "integer" for m in model.modules())
+    assert n_int == sum(isinstance(m, PackedLinear) and m.integer_capable() for m in model.modules()) > 0
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    want, got = _logits(ref, ids, dec), _logits(model, ids, dec)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6
+    gen = dict(max_new_tokens=6, do_sample=False, num_beams=1)
+    assert torch.equal(model.generate(input_ids=ids, **gen), ref.generate(input_ids=ids, **gen))
+    assert torch.equal(_logits(model, ids, dec), got)   # kept codes: the same result again
+
+
+def test_integer_linear_is_the_exact_integer_sum_times_the_scales(tmp_path):
+    # One Linear against a float64 computation of sum(xq * wq) * sx * sw + b: the int32 sum is
+    # exact, so only the final products round (a few float32 ulps), whereas the float runtime
+    # rounds every partial sum.
+    from dqtool.model.packed import PackedLinear, set_matmul
+    from dqtool.qmath.quant import activation_codes
+
+    model, _ = load_packed(_packed(tmp_path, "bart", "2-2-8"))
+    lin = next(m for m in model.modules() if isinstance(m, PackedLinear) and m.tied_to is None)
+    set_matmul(model, "integer")
+    x = torch.randn(5, 3, lin.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = lin(x)
+    xq, sx = activation_codes(x.reshape(-1, lin.in_features), lin.act_spec)
+    exact = (xq.double() @ lin.codes().double().t()) * sx.double() * lin.scale.double() + lin.bias.double()
+    err = (y.reshape(-1, lin.out_features).double() - exact).abs()
+    assert err.max() <= 4 * 2.0 ** -24 * (exact.abs() + lin.bias.double().abs()).max()
+    assert lin.codes().dtype == torch.int8
+
+
+def test_integer_matmul_keeps_one_byte_per_weight(tmp_path):
+    from dqtool.model.packed import PackedLinear
+
+    folder = _packed(tmp_path, "bart", "2-2-8")
+    model, _ = load_packed(folder, matmul="integer")
+    ids, dec = _ids(), _ids(3, 5, seed=1)
+    _logits(model, ids, dec)
+    kept = model.dqtool_weight_cache._entries.values()
+    assert kept and all(t.dtype == torch.int8 for _, t in kept)   # no float copy of any weight or table
+    n_weights = sum(m.out_features * m.in_features for m in model.modules()
+                    if isinstance(m, PackedLinear) and m.tied_to is None) \
+        + sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, PackedEmbedding))
+    assert model.dqtool_weight_cache.nbytes() == n_weights
+
+
+def test_integer_matmul_errors_are_one_line(tmp_path):
+    with pytest.raises(DQToolError, match="matmul 'int4'"):
+        load_packed(tmp_path, matmul="int4")
+    folder = _packed(tmp_path, "bart", "3-4-none")   # float activations: nothing can run in integers
+    with pytest.raises(DQToolError, match="no Linear of scheme 3-4-none can compute in integers"):
+        load_packed(folder, matmul="integer")
+    model, _ = load_packed(_packed(tmp_path / "g", "bart", "4-4-8-g8"), matmul="integer")  # group scales: float
+    from dqtool.model.packed import PackedLinear
+
+    assert any(isinstance(m, PackedLinear) and m.matmul == "float" for m in model.modules())

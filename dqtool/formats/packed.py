@@ -86,7 +86,7 @@ def save(folder: Path, tensors: dict, doc: dict, version: int = FORMAT_VERSION) 
 
 
 def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                cache: str = "model"):
+                cache: str = "model", matmul: str = "float"):
     """``(model, tokenizer_or_None)`` of a packed folder, computing from the packed integers.
 
     Every file is checked against the manifest's hash first, so a truncated or edited
@@ -105,6 +105,12 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     * ``"none"``: dequantized on every forward (least memory, slowest: at BART-base
       shape seconds per token on a CPU).
 
+    ``matmul="integer"`` computes the Linears in integers (int8 input codes times the
+    weight codes, an exact int32 sum, then the scales: ONNX ``MatMulInteger``'s arithmetic)
+    and keeps int8 codes instead of float weights (1 byte per weight): faster than the
+    float model on a CPU, equal to the QAT logits up to float32 rounding instead of bit
+    for bit (:func:`dqtool.model.packed.set_matmul`).
+
     Example (needs a real folder, so not run as a doctest)::
         model, tok = load_packed("runs/packed-2-2-8", device="cuda")
         model.generate(**tok(["some text"], return_tensors="pt").to("cuda"))
@@ -113,11 +119,13 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from dqtool.model.packed import build_packed_model, decode_storage
+    from dqtool.model.packed import MATMULS, build_packed_model, decode_storage, set_matmul
     from dqtool.model.weight_cache import WeightCache, set_weight_cache
     from dqtool.qmath.scheme import QuantScheme
 
     WeightCache(cache)  # an unknown mode is an error before any work
+    if matmul not in MATMULS:
+        raise DQToolError(f"matmul '{matmul}' is not supported: choose {' or '.join(MATMULS)}")
     p = Path(folder)
     if not is_packed_folder(p):
         raise DQToolError(f"{p} has no {LAYOUT_FILE}: pass a folder written by 'dqtool convert'")
@@ -148,6 +156,10 @@ def load_packed(folder: str | os.PathLike, device: str | torch.device = "cpu", d
         tok = None
     model = model.to(device)
     set_weight_cache(model, cache)
+    if set_matmul(model, matmul) == 0 and matmul == "integer":
+        raise DQToolError(f"{p}: no Linear of scheme {scheme.wea} can compute in integers (that needs weights per "
+                          f"row or tensor and symmetric activations of <= 8 bits per token or tensor): use matmul "
+                          f"'float'")
     return model, tok
 
 

@@ -38,14 +38,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dqtool.base.errors import DQToolError
+
 from dqtool.qmath.pack import ODD_CODE_METHODS, base3_row_bytes, base3_to_2bit, pack_base3, pack_codes, \
     pack_method_codes, row_bytes, unpack_codes, unpack_method_codes, zero_point
 from dqtool.model.qmodules import (QuantEmbedding, QuantLinear, QuantPositionEmbedding, learned_position_ids, prepare,
                                    quantizer_state)
-from dqtool.qmath.quant import QuantSpec, dequantize, quantize_weight
+from dqtool.qmath.quant import QuantSpec, activation_codes, dequantize, quantize_weight
 from dqtool.model.registry import ArchSpec, get_module, spec_for
 from dqtool.qmath.scheme import QuantScheme
-from dqtool.model.weight_cache import cached, drop_entry, keeps
+from dqtool.model.weight_cache import cached, drop_entry, exporting, keeps
 
 
 def _scale_view(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -57,6 +59,11 @@ def spec_from_layout(entry: dict) -> QuantSpec:
     """The :class:`QuantSpec` a packed tensor's layout entry records."""
     return QuantSpec(bits=entry["bits"], granularity=entry["granularity"], group_size=entry.get("group_size"),
                      method=entry["method"], role=entry.get("role", "weight"))
+
+
+def _rows_codes(x: torch.Tensor, spec: QuantSpec, _=None) -> tuple[torch.Tensor, torch.Tensor]:
+    # activation_codes of x [..., in] as rows [M, in] (an integer matmul's 2-D input).
+    return activation_codes(x.reshape(-1, x.shape[-1]), spec)
 
 
 class PackedLinear(nn.Module):
@@ -121,9 +128,47 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         drop_entry(self)  # moved or cast buffers: the kept weight is recomputed from them
+        drop_entry(self, ("codes", id(self)))
         return super()._apply(fn, recurse)
 
+    matmul = "float"   # or "integer" (set_matmul): the arithmetic of forward()
+
+    def integer_capable(self) -> bool:
+        """Whether the integer matmul applies: weights per row or tensor (one scale per
+        output) and a symmetric min-max activation of at most 8 bits per token or tensor."""
+        w = self.tied_to.spec if self.tied_to is not None else self.spec
+        a = self.act_spec
+        return w.granularity in ("row", "tensor") and w.symmetric and a is not None and a.role == "activation" \
+            and a.symmetric and a.method == "minmax" and a.granularity in ("token", "tensor") and a.bits <= 8
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked weight codes ``[out, in]`` int8 (value = code x scale), kept between
+        calls when the weight cache allows (1 byte per weight; a tied lm_head shares the
+        embedding's)."""
+        owner = self.tied_to if self.tied_to is not None else self
+        return cached(owner, (owner.qweight, owner.scale), lambda: unpack_method_codes(
+            owner.qweight, owner.spec.bits, self.in_features, owner.spec.method), slot=("codes", id(owner)))
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # y = (sum_k xq[m,k] wq[n,k]) * sx[m] * sw[n] + b: the int32 sum is exact (what ONNX
+        # MatMulInteger computes), the scales are applied once to it.
+        act = self.act
+        last = act.__dict__.get("last")   # q/k/v projections read one input: its codes once
+        clip = getattr(act, "clip", None)
+        if clip is not None:
+            xq, sx = activation_codes(x.reshape(-1, self.in_features), act.spec, clip)
+        else:
+            xq, sx = (last.quantize if last is not None else _rows_codes)(x, act.spec, _rows_codes)   # [M, in], [M, 1]
+        owner = self.tied_to if self.tied_to is not None else self
+        acc = torch._int_mm(xq, self.codes().t())                         # [M, out] int32
+        y = acc.to(torch.float32).mul_(sx.to(torch.float32)).mul_(owner.scale.to(torch.float32))
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in] -> [..., out]
+        if self.matmul == "integer" and not exporting() and not (torch.is_grad_enabled() and x.requires_grad):
+            return self._integer_forward(x)
         return F.linear(self.act(x), self.weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -152,8 +197,10 @@ class PackedEmbedding(nn.Module):
 
     weight_cacheable = True  # see dqtool.model.weight_cache
 
+    keep_table = True   # False under the integer matmul (set_matmul): a tied lm_head keeps int8 codes instead
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] -> [B, T, d]
-        if keeps(self, (self.qweight, self.scale)):
+        if self.keep_table and keeps(self, (self.qweight, self.scale)):
             # The kept table (a tied lm_head keeps it anyway): rows of the same products.
             return F.embedding(ids, self.table()) * self.embed_scale
         codes = unpack_method_codes(self.qweight[ids], self.spec.bits, self.embedding_dim, self.spec.method)
@@ -170,6 +217,7 @@ class PackedEmbedding(nn.Module):
 
     def _apply(self, fn, recurse=True):
         drop_entry(self)
+        drop_entry(self, ("codes", id(self)))   # a tied integer lm_head's codes
         return super()._apply(fn, recurse)
 
 
@@ -194,6 +242,37 @@ class PackedPositionEmbedding(nn.Module):
         rows = learned_position_ids(input_ids, past_key_values_length, position_ids, self.qweight.device) + self.offset
         codes = unpack_codes(self.qweight[rows], self.spec.bits, self.embedding_dim)      # [B, T, d]
         return codes.to(self.scale.dtype) * self.scale[rows].unsqueeze(-1)
+
+
+MATMULS = ("float", "integer")
+
+
+def set_matmul(model: nn.Module, mode: str) -> int:
+    """Choose the arithmetic of ``model``'s packed Linears; returns how many compute in integers.
+
+    ``"float"`` (default): the dequantized weight times the fake-quantized input, the QAT
+    model's logits bit for bit. ``"integer"``: the input's int8 codes times the weight's
+    codes in an exact int32 sum (``torch._int_mm``), then the two scales: the arithmetic of
+    ONNX ``MatMulInteger``; it equals the float result up to float32 rounding (the float
+    path rounds every partial sum, this one only the two scale products), keeps 1 byte
+    per weight instead of 4 when weights are kept (:mod:`dqtool.model.weight_cache`) and
+    reads a quarter of the bytes per generated token. Linears it cannot run (weights per
+    group, block or asymmetric activations, float inputs) keep the float arithmetic.
+    """
+    if mode not in MATMULS:
+        raise DQToolError(f"matmul '{mode}' is not supported: choose {' or '.join(MATMULS)}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            use = mode == "integer" and m.integer_capable()
+            m.matmul = "integer" if use else "float"
+            n += use
+    for m in model.modules():   # a tied integer lm_head reads codes: do not keep the float table for lookups
+        if isinstance(m, PackedEmbedding):
+            m.keep_table = not any(isinstance(x, PackedLinear) and x.tied_to is m and x.matmul == "integer"
+                                   for x in model.modules())
+    model.__dict__["dqtool_matmul"] = mode
+    return n
 
 
 # --------------------------------------------------------------------------- QAT -> packed

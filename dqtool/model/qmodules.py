@@ -63,15 +63,18 @@ class LastInput:
         # A copied or pickled model starts empty (sharing between its modules is kept).
         return LastInput, ()
 
-    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, spec: QuantSpec, fn=fake_quant):
+        """``fn(x, spec)`` (the fake-quant value, or e.g. the integer codes of
+        :func:`~dqtool.qmath.quant.activation_codes`), reused while ``x`` is the last input."""
         if x.is_inference() or (x.requires_grad and torch.is_grad_enabled()):
-            return fake_quant(x, spec)
+            return fn(x, spec)
         ref = self.ref
         version = (x._version, x.data_ptr())   # in-place edits, and a reassigned .data
-        if ref is not None and ref() is x and self.version == version and (self.spec is spec or self.spec == spec):
+        key = spec if fn is fake_quant else (fn, spec)
+        if ref is not None and ref() is x and self.version == version and (self.spec is key or self.spec == key):
             return self.out
-        out = fake_quant(x, spec)
-        self.ref, self.version, self.spec, self.out = weakref.ref(x, self._drop), version, spec, out
+        out = fn(x, spec)
+        self.ref, self.version, self.spec, self.out = weakref.ref(x, self._drop), version, key, out
         return out
 
 

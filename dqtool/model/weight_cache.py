@@ -109,7 +109,8 @@ class WeightCache:
         return WeightCache, (self.mode,)
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
+    """Whether a trace, script, ONNX export or compile is running (graphs must read the stored codes)."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() \
         or torch.compiler.is_compiling()
 
@@ -124,7 +125,7 @@ def _source_key(s: torch.Tensor) -> tuple:
 def _usable(module: nn.Module, sources: tuple[torch.Tensor, ...]) -> WeightCache | None:
     # The module's cache when an entry may be used or made right now, else None.
     ctl = module.__dict__.get(_CTL)
-    if ctl is None or not ctl.active or _exporting() \
+    if ctl is None or not ctl.active or exporting() \
             or (torch.is_grad_enabled() and any(s.requires_grad for s in sources)) \
             or any(s.is_inference() for s in sources):   # no version counter to see in-place edits
         return None

@@ -799,6 +799,37 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
     return q.mul_(scale)
 
 
+def activation_codes(x: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes int8, scale)`` of a symmetric ``minmax`` activation per token or per tensor:
+    the integers an integer matmul multiplies (ONNX ``MatMulInteger``'s input), with
+    ``dequantize(codes, scale, spec)`` equal to ``fake_quant(x, spec, clip)`` bit for bit.
+
+    ``scale`` is ``[..., 1]`` per token, ``[]`` per tensor (:func:`compute_scale`'s shapes).
+    Without a clip this is :func:`fake_quant_activation_inference`'s op sequence up to the
+    codes (fewer ops than :func:`quantize_weight`, the same values); with a clip it is
+    :func:`quantize_weight`. No autograd: inference only.
+
+    Example:
+        >>> spec = QuantSpec.activation(8)
+        >>> x = torch.tensor([[0.3, -1.0, 0.001], [2.0, 0.0, -0.5]])
+        >>> codes, scale = activation_codes(x, spec)
+        >>> codes.tolist(), torch.equal(dequantize(codes, scale, spec), fake_quant(x, spec))
+        ([[38, -127, 0], [127, 0, -32]], True)
+    """
+    if spec.role != "activation" or not spec.symmetric or spec.method != "minmax" \
+            or spec.granularity not in ("token", "tensor") or spec.bits > 8:
+        raise ValueError(f"activation_codes() is for symmetric minmax activations of <= 8 bits per token or "
+                         f"tensor, got {spec.role} {spec.method} {spec.bits}-bit per {spec.granularity}")
+    if clip is not None:
+        return quantize_weight(x, spec, clip)
+    qmax = float(spec.qmax)
+    a = x.detach().abs()
+    scale = (a.amax(dim=-1, keepdim=True) if spec.granularity == "token" else a.amax()).div_(qmax) \
+        .clamp_min_(_eps(x.dtype))
+    q = _round_codes_(torch.div(x.detach(), scale)).clamp_(-qmax, qmax)
+    return q.to(torch.int8), scale
+
+
 def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None,
                           granularity: str = "token", block_size: int | None = None) -> torch.Tensor:
     """Activation fake quantization (per token, or per tensor): dynamic min-max, or PACT with a ``clip``.

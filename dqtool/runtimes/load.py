@@ -36,17 +36,22 @@ LOADERS = {
 
 
 def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-               need_tokenizer: bool = True):
+               need_tokenizer: bool = True, matmul: str = "float"):
     """``(model, tokenizer, kind)`` of any model folder (or an exported ``onnx/generation_model.onnx``,
     kind ``onnx-beam``), ready for ``generate`` on ``device``.
 
     ``threads``: ONNX Runtime's intra-op threads (default: torch's current thread count).
+    ``matmul``: a packed folder's arithmetic (:func:`dqtool.model.packed.set_matmul`); any
+    other kind of folder takes only ``"float"``.
 
     Example (needs a real folder, so not run as a doctest)::
         model, tok, kind = load_model("runs/qat-2-2-8")   # kind == "qat"
     """
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DQToolError(f"--device {device} but no CUDA GPU is visible here: pass --device cpu")
+    if matmul != "float" and is_generation_graph(source):
+        raise DQToolError(f"--matmul {matmul} computes from packed integers: {source} is an ONNX graph, pass a "
+                          f"'dqtool convert' output or --matmul float")
     if is_generation_graph(source):  # onnx/generation_model.onnx: the whole generation in one ORT graph
         model, tok = load_generation_graph(source, threads if threads is not None else torch.get_num_threads())
         name = GRAPH_KIND
@@ -54,7 +59,13 @@ def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | No
             raise DQToolError(f"{source} has no tokenizer files next to it: re-export the folder")
         return model.to(device).eval(), tok, name
     name = formats.detect(source)
-    model, tok = LOADERS[name](str(source), threads if threads is not None else torch.get_num_threads())
+    if matmul != "float" and name != "packed":
+        raise DQToolError(f"--matmul {matmul} computes from packed integers: {source} is a {name} folder, pass a "
+                          f"'dqtool convert' output or --matmul float")
+    if matmul != "float":
+        model, tok = packed.load_packed(str(source), matmul=matmul)
+    else:
+        model, tok = LOADERS[name](str(source), threads if threads is not None else torch.get_num_threads())
     if tok is None and need_tokenizer:
         raise DQToolError(f"{source} has no tokenizer files: save the tokenizer into the model folder "
                           f"(tokenizer.save_pretrained)")

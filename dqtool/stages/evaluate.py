@@ -33,6 +33,7 @@ from dqtool.base.errors import DQToolError
 from dqtool.data.metrics import METRICS, score
 from dqtool.data.pairs import DataConfig, load_pairs
 from dqtool.model.registry import position_limit
+from dqtool.model.packed import MATMULS
 from dqtool.runtimes.load import load_model
 from dqtool.runtimes.textgen import generate_texts
 
@@ -71,6 +72,7 @@ class EvalConfig:
     max_samples: int | None = None
     metrics: tuple[str, ...] = ("rouge",)
     device: str = "cpu"
+    matmul: str = "float"   # packed folders: float (the QAT logits bit for bit) | integer (int8 x codes, faster)
 
     def __post_init__(self):
         # Paths and lists are accepted from Python callers; store the JSON-friendly forms.
@@ -92,6 +94,8 @@ class EvalConfig:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
             raise ConfigError(f"{{metrics}} '{bad[0]}' is not supported: choose from {', '.join(METRICS)}")
+        if self.matmul not in MATMULS:
+            raise ConfigError(f"{{matmul}} '{self.matmul}' is not supported: choose {' or '.join(MATMULS)}")
         try:
             torch.device(self.device)
         except RuntimeError as e:
@@ -229,7 +233,7 @@ def evaluate_model(source: str | os.PathLike, out_path: str | os.PathLike | None
     dcfg = cfg.data_cfg if cfg.max_samples is None else replace(cfg.data_cfg, max_rows=cfg.max_samples)
     pairs = load_pairs(cfg.data, cfg.split, dcfg)  # data errors surface before the model loads
     t0 = time.perf_counter()
-    model, tok, kind = load_model(source, cfg.device)  # detected and verified (dqtool.formats)
+    model, tok, kind = load_model(source, cfg.device, matmul=cfg.matmul)  # detected and verified (dqtool.formats)
     load_seconds = time.perf_counter() - t0
     limit = position_limit(model)
     if limit is not None and cfg.max_length > limit:
