@@ -391,7 +391,7 @@ def table(args) -> None:
     section("steps", f"Step budget (3+2, 2-2-8 {args.best_m}, lr {args.best_lr})",
             "QAT steps x batch 16 rows; the linear schedule decays to 0 at each run's own last step.", budget)
     grid = [(f"{d} {label}", {"d": d, **want}) for d in DEPTHS for label, want in GRID]
-    section("grid", "The paper's table on the demo teacher (W-E-A x student depth, 300 steps)",
+    section("grid", f"The paper's table on {args.teacher_label} (W-E-A x student depth, 300 steps)",
             "Student depth encoder+decoder (the teacher is 3+3). 2-bit cells: every seed run is averaged.", grid)
     section("ablations", "Ablations (3+2, 2-2-8 lsq, 300 steps)",
             "Each row removes one ingredient of the reference (or changes the layer copy).", ABLATIONS)
@@ -402,11 +402,11 @@ def write_results(args) -> None:
     md, out = table(args)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     (args.out.parent / (args.out.name + "_tables.md")).write_text("\n".join(md) + "\n")
-    plot(out, args.out.with_suffix(".png"))
+    plot(out, args.out.with_suffix(".png"), args.teacher_label)
     print("\n".join(md))
 
 
-def plot(out: dict, path: Path) -> None:
+def plot(out: dict, path: Path, teacher_label: str = "the demo teacher") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,7 +441,7 @@ def plot(out: dict, path: Path) -> None:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("x smaller than the fp32 teacher (packed weights)")
     ax.set_ylabel("ROUGE-L relative to the teacher (%)")
-    ax.set_title("Size vs quality on the demo teacher (3+3, d=128), beside published points", fontsize=10)
+    ax.set_title(f"Size vs quality on {teacher_label} (3+3, d=128), beside published points", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -464,6 +464,7 @@ def main() -> None:
     t = sub.add_parser("table", help="write the tables (JSON, Markdown) and the size-vs-quality PNG")
     t.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "demo_grid")
     t.add_argument("--best-m", default="lsq")
+    t.add_argument("--teacher-label", default="the demo teacher", help="names the teacher in titles, e.g. 'teacher B'")
     t.add_argument("--best-lr", default="2e-3")
     t.add_argument("--sections", default="levers,seeds,steps,grid,ablations", help="tables written, comma-separated")
     args = ap.parse_args()
