@@ -21,7 +21,7 @@ def _load(path):
 def test_student_layers_equal_teacher_layers(arch, tiny_dir, tmp_path):
     teacher_dir = tiny_dir(arch)
     res = distill(teacher_dir, tmp_path / "s", DistillConfig(encoder_layers=2, decoder_layers=1))
-    assert res.encoder_map == [0, 3] and res.decoder_map == [0]
+    assert res.encoder_map == [0, 3] and res.decoder_map == [3]   # 1-layer decoder: the teacher's last
     teacher, student = _load(teacher_dir), _load(tmp_path / "s")
     spec = spec_for(teacher.config)
     maps = {"encoder": res.encoder_map, "decoder": res.decoder_map}

@@ -53,15 +53,19 @@ def test_unknown_architecture_lists_supported():
         assert name in msg
 
 
-@pytest.mark.parametrize("n_t,n_s,scheme,expected", [
-    (12, 6, "sft", [0, 2, 4, 7, 9, 11]),
-    (6, 3, "sft", [0, 2, 5]),
-    (6, 1, "sft", [0]),
-    (12, 1, "sft", [0]),
-    (6, 1, "dqbart", [5]),
-    (6, 2, "dqbart", [0, 5]),
-    (6, 6, "dqbart", [0, 1, 2, 3, 4, 5]),
-    (5, 3, "sft", [0, 2, 4]),
+@pytest.mark.parametrize("n_t,n_s,scheme,stack,expected", [
+    (12, 6, "sft", "encoder", [0, 2, 4, 7, 9, 11]),
+    (12, 6, "sft", "decoder", [0, 2, 4, 7, 9, 11]),
+    (6, 3, "sft", "encoder", [0, 2, 5]),
+    (6, 1, "sft", "encoder", [0]),
+    (12, 1, "sft", "encoder", [0]),
+    (12, 1, "sft", "decoder", [11]),   # a 1-layer decoder copies the last layer (the LM head's input)
+    (3, 1, "sft", "decoder", [2]),
+    (6, 1, "dqbart", "encoder", [5]),
+    (6, 1, "dqbart", "decoder", [5]),
+    (6, 2, "dqbart", "decoder", [0, 5]),
+    (6, 6, "dqbart", "decoder", [0, 1, 2, 3, 4, 5]),
+    (5, 3, "sft", "encoder", [0, 2, 4]),
 ])
-def test_default_maps(n_t, n_s, scheme, expected):
-    assert default_map(n_t, n_s, scheme) == expected
+def test_default_maps(n_t, n_s, scheme, stack, expected):
+    assert default_map(n_t, n_s, scheme, stack) == expected

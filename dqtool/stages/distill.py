@@ -89,7 +89,7 @@ def resolve_maps(teacher_config, spec: ArchSpec, cfg: DistillConfig) -> dict[str
                 raise DQToolError(
                     f"--{stack_name}-layers {n} is more than the teacher's {n_teacher} {stack_name} layers; "
                     f"choose at most {n_teacher}")
-            maps[stack_name] = default_map(n_teacher, n, cfg.map_scheme)
+            maps[stack_name] = default_map(n_teacher, n, cfg.map_scheme, stack_name)
     return maps
 
 
