@@ -16,7 +16,9 @@ pairs joined by commas; every key not given keeps its default:
     tgt=teacher  training targets: teacher (sequence-level KD) or data (the references)
     kd=kl        logits distillation: kl (the recipe's KL at T=2) or none (task loss only)
     init=copy    student initialisation: copy (teacher layers) or random (from config)
-    dmap=default decoder layer map, e.g. 0-1 (teacher layers the student decoder copies)
+    dmap=default decoder layer map, e.g. 0-1 (teacher layers the student decoder copies); default is
+                 the recipe's, except 3+1 where it stays layer 0 (dqtool's 1-layer default before it
+                 became the last layer), so recorded cells keep their meaning
 
 Each cell runs through the stage functions ``dqtool compress`` runs (``distill``, ``qat``,
 ``evaluate_model``, ``convert`` for the footprint). Everything is cached under ``--work``:
@@ -115,6 +117,11 @@ def student_for(c: dict, recipe, work: Path, teacher: Path) -> Path:
     dcfg = recipe.distill
     if c["dmap"] != "default":
         dcfg = dataclasses.replace(dcfg, decoder_map=tuple(int(x) for x in c["dmap"].split("-")))
+    elif dcfg.decoder_layers == 1 and dcfg.decoder_map is None:
+        # The grid's cells named dmap=default at 3+1 were trained from decoder layer 0 (SFT's
+        # 1-layer map, dqtool's default then); dqtool now copies the last layer (dmap=2 here).
+        # Pinned so that a cell's name keeps meaning what its recorded score measured.
+        dcfg = dataclasses.replace(dcfg, decoder_map=(0,))
     tag = f"student_d{c['d'].replace('+', 'p')}" + (f"_dmap{c['dmap']}" if c["dmap"] != "default" else "")
     copy_dir = work / tag
     if not copy_dir.exists():
@@ -312,6 +319,17 @@ ABLATIONS = [
     ("E=4 on top of lsq at lr 5e-4 (2-4-8; vs the lsq lr 5e-4 row)", {"m": "lsq", "wea": "2-4-8"}),
 ]
 
+LAYER_MAPS = [  # which teacher layers the student decoder copies (teacher decoder layers 0, 1, 2)
+    ("3+2 lsq, decoder copies 0,2 (default: first and last)", {"d": "3+2", "m": "lsq", "lr": "2e-3"}),
+    ("3+2 lsq, decoder copies 0,1", {"d": "3+2", "m": "lsq", "lr": "2e-3", "dmap": "0-1"}),
+    ("3+2 lsq, decoder copies 1,2", {"d": "3+2", "m": "lsq", "lr": "2e-3", "dmap": "1-2"}),
+    ("3+1 lsq, decoder copies 0 (SFT's first: the grid's and dqtool's default before)", {"d": "3+1", "m": "lsq", "lr": "2e-3"}),
+    ("3+1 lsq, decoder copies 1", {"d": "3+1", "m": "lsq", "lr": "2e-3", "dmap": "1"}),
+    ("3+1 lsq, decoder copies 2 (DQ-BART's last: dqtool's default now)", {"d": "3+1", "m": "lsq", "lr": "2e-3", "dmap": "2"}),
+]
+STEPS_31 = [(f"3+1 lsq, lr 2e-3, {n} steps", {"d": "3+1", "m": "lsq", "lr": "2e-3",
+                                              "steps": "recipe" if n == 300 else str(n)}) for n in (300, 600, 1200)]
+
 
 def table(args) -> None:
     import statistics
@@ -395,6 +413,10 @@ def table(args) -> None:
             "Student depth encoder+decoder (the teacher is 3+3). 2-bit cells: every seed run is averaged.", grid)
     section("ablations", "Ablations (3+2, 2-2-8 lsq, 300 steps)",
             "Each row removes one ingredient of the reference (or changes the layer copy).", ABLATIONS)
+    section("layermap", "Decoder layer map (2-2-8 lsq, lr 2e-3, 300 steps)",
+            "Which teacher decoder layers the student decoder starts from (the encoder copies all 3).", LAYER_MAPS)
+    section("steps31", "Step budget at 3+1 (2-2-8 lsq, lr 2e-3)",
+            "QAT steps x batch 16 rows; the linear schedule decays to 0 at each run's own last step.", STEPS_31)
     return md, out
 
 
@@ -466,7 +488,8 @@ def main() -> None:
     t.add_argument("--best-m", default="lsq")
     t.add_argument("--teacher-label", default="the demo teacher", help="names the teacher in titles, e.g. 'teacher B'")
     t.add_argument("--best-lr", default="2e-3")
-    t.add_argument("--sections", default="levers,seeds,steps,grid,ablations", help="tables written, comma-separated")
+    t.add_argument("--sections", default="levers,seeds,steps,grid,ablations",
+                   help="tables written, comma-separated (also: layermap, steps31)")
     args = ap.parse_args()
     globals()["CELLS"] = args.cells_file.resolve()   # load_cells/save_cells read the module's CELLS
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

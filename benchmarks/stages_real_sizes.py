@@ -248,7 +248,7 @@ def main() -> None:
         est = re.search(r"total \(peak, \+-25%\)\s+([\d.]+) GiB", Path(rows[-1]["log"]).read_text())
         rows[-1]["estimated_peak_gib"] = float(est.group(1)) if est else None
         rows.append(run_stage("convert", cli + ["convert", str(qat_dir), str(packed), "--force"], logs, 900, env))
-        if shape == "bart-base" and not args.no_before:
+        if shape in ("bart-base", "t5-base") and not args.no_before:
             if args.before_code:   # the code before this change (e.g. `git archive main dqtool`)
                 before = run_stage("convert (before)", cli + ["convert", str(qat_dir), str(packed0), "--force"],
                                    logs, args.before_timeout, {**env, "PYTHONPATH": str(args.before_code)})
@@ -263,6 +263,9 @@ def main() -> None:
             continue
         rows.append(run_stage("eval packed", cli + ["eval", str(packed), "--data", str(DATA), "--max-samples", "8",
                                                     "--max-length", "16", "--batch-size", "8"], logs, 600, env))
+        rows.append(run_stage("eval packed (integer)", cli + ["eval", str(packed), "--data", str(DATA), "--max-samples",
+                                                              "8", "--max-length", "16", "--batch-size", "8",
+                                                              "--matmul", "integer"], logs, 600, env))
         if shape == "bart-base":
             r = run_stage("generate speed", [sys.executable, __file__, "--gen-speed", str(packed), str(student),
                                              "--threads", str(args.threads)], logs, 900, env)
@@ -326,8 +329,8 @@ def convert_ab(args) -> None:
 def render(report: dict) -> str:
     m = report["machine"]
     lines = ["# Every stage at real model shapes (random weights)", "",
-             f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads; a machine shared with other jobs, so times "
-             f"are inflated and noisy (compare ratios within this run). Student {report['student']} layers at "
+             f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads; one run, each stage alone in its process "
+             f"(compare ratios within this run; the notes say what else ran). Student {report['student']} layers at "
              f"{report['wea']}; qat: {report['qat_steps']} steps at batch {report['qat_batch']} (sources <= 256 "
              f"tokens); eval: 8 rows, 16 tokens. Each stage is its own process: peak RSS is that process's.", "",
              "| shape | stage | wall s | peak RSS MiB | note |", "|---|---|---:|---:|---|"]
