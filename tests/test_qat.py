@@ -39,7 +39,7 @@ def test_qat_writes_a_folder_that_loads_with_fake_quant(setup):
                                        "--eval-steps", "2", "--eval-samples", "4"))
     assert r.exit_code == 0, r.output
     m = verify_folder(out, "qat")
-    assert m["wea"] == "2-2-8" and m["steps"] == 6 and m["layer_map"] == {"encoder": [0, 3], "decoder": [0]}
+    assert m["wea"] == "2-2-8" and m["steps"] == 6 and m["layer_map"] == {"encoder": [0, 3], "decoder": [3]}
     assert not (root / "q228.partial").exists()
     model, tok = load_qat(out)
     assert isinstance(model.model.encoder.layers[0].fc1, QuantLinear)
