@@ -150,7 +150,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     report = {"machine": machine(), "cpu_features": cpu_features(), "onnxruntime": ort.__version__,
               "threads": a.threads, "iters": a.iters, "block": BLOCK, "rows": rows,
-              "caveat": "shared 2-core machine (other engineers' jobs running): medians are noisy, read ratios"}
+              "caveat": "one run: say beside the result what else ran on the machine; read ratios"}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     names = ["matmul_fp32", "matmulinteger_u8", "nbits2_acc4", "nbits2_lut", "nbits4_acc4", "nbits8_acc4"]
