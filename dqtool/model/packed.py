@@ -61,7 +61,7 @@ def spec_from_layout(entry: dict) -> QuantSpec:
                      method=entry["method"], role=entry.get("role", "weight"))
 
 
-def _rows_codes(x: torch.Tensor, spec: QuantSpec, _=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_codes(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     # activation_codes of x [..., in] as rows [M, in] (an integer matmul's 2-D input).
     return activation_codes(x.reshape(-1, x.shape[-1]), spec)
 
@@ -157,8 +157,10 @@ class PackedLinear(nn.Module):
         clip = getattr(act, "clip", None)
         if clip is not None:
             xq, sx = activation_codes(x.reshape(-1, self.in_features), act.spec, clip)
+        elif last is not None:
+            xq, sx = last.quantize(x, act.spec, _rows_codes)              # [M, in] int8, [M, 1]
         else:
-            xq, sx = (last.quantize if last is not None else _rows_codes)(x, act.spec, _rows_codes)   # [M, in], [M, 1]
+            xq, sx = _rows_codes(x, act.spec)
         owner = self.tied_to if self.tied_to is not None else self
         acc = torch._int_mm(xq, self.codes().t())                         # [M, out] int32
         y = acc.to(torch.float32).mul_(sx.to(torch.float32)).mul_(owner.scale.to(torch.float32))
@@ -261,16 +263,17 @@ def set_matmul(model: nn.Module, mode: str) -> int:
     """
     if mode not in MATMULS:
         raise DQToolError(f"matmul '{mode}' is not supported: choose {' or '.join(MATMULS)}")
-    n = 0
+    n, read_as_codes = 0, set()
     for m in model.modules():
         if isinstance(m, PackedLinear):
             use = mode == "integer" and m.integer_capable()
             m.matmul = "integer" if use else "float"
             n += use
+            if use and m.tied_to is not None:
+                read_as_codes.add(id(m.tied_to))
     for m in model.modules():   # a tied integer lm_head reads codes: do not keep the float table for lookups
         if isinstance(m, PackedEmbedding):
-            m.keep_table = not any(isinstance(x, PackedLinear) and x.tied_to is m and x.matmul == "integer"
-                                   for x in model.modules())
+            m.keep_table = id(m) not in read_as_codes
     model.__dict__["dqtool_matmul"] = mode
     return n
 

@@ -786,8 +786,7 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
         q = _round_codes_(torch.div(x, scale)).add_(zp).clamp_(0.0, qmax)
         return q.sub_(zp).mul_(scale)
     if clip is None:   # compute_scale(): max|x| / qmax
-        a = x.abs()
-        scale = (a.amax(dim=-1, keepdim=True) if token else a.amax()).div_(qmax).clamp_min_(_eps(x.dtype))
+        scale = _dynamic_scale(x, token, qmax)
     else:              # quantize_weight() with a clip: clamp to [-clip, clip], scale clip / qmax
         c = torch.as_tensor(clip, dtype=x.dtype, device=x.device).detach()
         if c.numel() != 1:    # one clip per token: rare, the reference path handles the shapes
@@ -795,8 +794,18 @@ def fake_quant_activation_inference(x: torch.Tensor, spec: QuantSpec, clip=None)
         c = c.reshape(())
         x = torch.clamp(x, -c, c)
         scale = (c / qmax).clamp_min(_eps(x.dtype))
-    q = _round_codes_(torch.div(x, scale)).clamp_(-qmax, qmax)
-    return q.mul_(scale)
+    return _symmetric_float_codes(x, scale, qmax).mul_(scale)
+
+
+def _dynamic_scale(x: torch.Tensor, token: bool, qmax: float) -> torch.Tensor:
+    # compute_scale()'s max|x| / qmax (per row [..., 1], or []) in fewer ops, on fresh tensors.
+    a = x.abs()
+    return (a.amax(dim=-1, keepdim=True) if token else a.amax()).div_(qmax).clamp_min_(_eps(x.dtype))
+
+
+def _symmetric_float_codes(x: torch.Tensor, scale: torch.Tensor, qmax: float) -> torch.Tensor:
+    # quantize()'s clamp(round(x / scale)) as floats of x's dtype (a fresh tensor; x is only read).
+    return _round_codes_(torch.div(x, scale)).clamp_(-qmax, qmax)
 
 
 def activation_codes(x: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -822,12 +831,9 @@ def activation_codes(x: torch.Tensor, spec: QuantSpec, clip=None) -> tuple[torch
                          f"tensor, got {spec.role} {spec.method} {spec.bits}-bit per {spec.granularity}")
     if clip is not None:
         return quantize_weight(x, spec, clip)
-    qmax = float(spec.qmax)
-    a = x.detach().abs()
-    scale = (a.amax(dim=-1, keepdim=True) if spec.granularity == "token" else a.amax()).div_(qmax) \
-        .clamp_min_(_eps(x.dtype))
-    q = _round_codes_(torch.div(x.detach(), scale)).clamp_(-qmax, qmax)
-    return q.to(torch.int8), scale
+    qmax, x = float(spec.qmax), x.detach()
+    scale = _dynamic_scale(x, spec.granularity == "token", qmax)
+    return _symmetric_float_codes(x, scale, qmax).to(torch.int8), scale
 
 
 def fake_quant_activation(x: torch.Tensor, bits: int, symmetric: bool = True, clip=None,

@@ -49,23 +49,18 @@ def load_model(source: str | os.PathLike, device: str = "cpu", threads: int | No
     """
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise DQToolError(f"--device {device} but no CUDA GPU is visible here: pass --device cpu")
-    if matmul != "float" and is_generation_graph(source):
-        raise DQToolError(f"--matmul {matmul} computes from packed integers: {source} is an ONNX graph, pass a "
+    graph = is_generation_graph(source)
+    name = GRAPH_KIND if graph else formats.detect(source)
+    if matmul != "float" and name != "packed":   # only a packed folder has integers to compute from
+        raise DQToolError(f"--matmul {matmul} computes from packed integers: {source} is a {name} model, pass a "
                           f"'dqtool convert' output or --matmul float")
-    if is_generation_graph(source):  # onnx/generation_model.onnx: the whole generation in one ORT graph
+    if graph:  # onnx/generation_model.onnx: the whole generation in one ORT graph
         model, tok = load_generation_graph(source, threads if threads is not None else torch.get_num_threads())
-        name = GRAPH_KIND
         if tok is None and need_tokenizer:
             raise DQToolError(f"{source} has no tokenizer files next to it: re-export the folder")
         return model.to(device).eval(), tok, name
-    name = formats.detect(source)
-    if matmul != "float" and name != "packed":
-        raise DQToolError(f"--matmul {matmul} computes from packed integers: {source} is a {name} folder, pass a "
-                          f"'dqtool convert' output or --matmul float")
-    if matmul != "float":
-        model, tok = packed.load_packed(str(source), matmul=matmul)
-    else:
-        model, tok = LOADERS[name](str(source), threads if threads is not None else torch.get_num_threads())
+    loader = LOADERS[name] if matmul == "float" else lambda src, threads: packed.load_packed(src, matmul=matmul)
+    model, tok = loader(str(source), threads if threads is not None else torch.get_num_threads())
     if tok is None and need_tokenizer:
         raise DQToolError(f"{source} has no tokenizer files: save the tokenizer into the model folder "
                           f"(tokenizer.save_pretrained)")
