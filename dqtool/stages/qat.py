@@ -327,8 +327,10 @@ def _make_trainer_class():
             folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / LOSS_FILE).write_text(json.dumps({"loss_sum": self.loss_sum(),
-                                                            "step": self.state.global_step}))
+                if self.is_world_process_zero():   # one writer (every rank saving it raced), whole or absent
+                    tmp = folder / (LOSS_FILE + ".tmp")
+                    tmp.write_text(json.dumps({"loss_sum": self.loss_sum(), "step": self.state.global_step}))
+                    os.replace(tmp, folder / LOSS_FILE)
                 super()._save_checkpoint(model, trial)   # trainer_state.json last: the completeness mark
             except OSError as e:
                 from dqtool.base.fsutil import io_error, is_write_error
