@@ -47,6 +47,9 @@ def args_():
     ap.add_argument("--act-granularity", default="token", choices=["token", "block"],
                     help="token: the demo recipe's asymmetric per-token activations; block: MatMulNBits' own "
                          "symmetric per-row-per-block int8 input quantizer (each decoder Linear one MatMulNBits)")
+    ap.add_argument("--encoder-act-granularity", choices=["token", "tensor"],
+                    help="the encoder's and cross-attention keys/values' activations (default: as "
+                         "--act-granularity); token with block: the integer path over many rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -73,9 +76,13 @@ def bench_cfg(a):
                        student=str(a.work / f"student-{a.student}"), peers=tuple(p for p in a.peers.split(",") if p))
 
 
+def _suffix(a) -> str:
+    return ("-block" if a.act_granularity == "block" else "") + \
+        (f"-enc-{a.encoder_act_granularity}" if a.encoder_act_granularity else "")
+
+
 def exports(a) -> list[tuple[str, Path]]:
-    suffix = "-block" if a.act_granularity == "block" else ""
-    return [(s, a.work / f"onnx-{a.student}-{s}{suffix}") for s in a.schemes.split(",")]
+    return [(s, a.work / f"onnx-{a.student}-{s}{_suffix(a)}") for s in a.schemes.split(",")]
 
 
 def build(a) -> None:
@@ -109,15 +116,16 @@ def build(a) -> None:
     for wea, onnx in exports(a):
         block = a.act_granularity == "block"
         scheme = QuantScheme.from_wea(wea, act_symmetric=block, quantize_attention=False,
-                                      act_granularity=a.act_granularity)
-        qat = w / f"qat-{a.student}-{wea}{'-block' if block else ''}"
+                                      act_granularity=a.act_granularity,
+                                      encoder_act_granularity=a.encoder_act_granularity)
+        qat = w / f"qat-{a.student}-{wea}{_suffix(a)}"
         if not qat.exists():
             model, tok = load_seq2seq(student)
             prepare(model, scheme)
             qat.mkdir(parents=True)
             save_qat(model, tok, qat, scheme)
             write_manifest(qat, "qat", {"student": str(student)}, {"note": "untrained: latency only"})
-        packed = w / f"packed-{a.student}-{wea}{'-block' if block else ''}"
+        packed = w / f"packed-{a.student}-{wea}{_suffix(a)}"
         if not packed.exists():
             convert(qat, packed, ConvertConfig(float_dtype="float32", teacher=str(teacher), check_samples=2))
         if not onnx.exists():
@@ -201,11 +209,12 @@ def report(a) -> None:
            "new_tokens": a.new_tokens, "runs": a.runs, "batch_sizes": [1, 8], "copy_bandwidth_gbs": round(bw, 2),
            "per_token_weights": {"decoder_linears": layers, "lm_head": head, "total": total},
            "weight_bandwidth_bound": bounds, "rows": rows, "note": a.note,
-           "act_granularity": a.act_granularity,
+           "act_granularity": a.act_granularity, "encoder_act_granularity": a.encoder_act_granularity,
            "command": f"benchmarks/speed_generation.py --shape {a.shape} --student {a.student} --schemes {a.schemes} "
                       f"--peers {a.peers} {'--no-teacher ' if a.no_teacher else ''}"
                       f"--act-granularity {a.act_granularity} "
-                      f"--threads {a.threads} --runs {a.runs} --new-tokens {a.new_tokens} --source-tokens "
+                      + (f"--encoder-act-granularity {a.encoder_act_granularity} " if a.encoder_act_granularity else "")
+                      + f"--threads {a.threads} --runs {a.runs} --new-tokens {a.new_tokens} --source-tokens "
                       f"{a.source_tokens} (--build, --target K for each target, --report; each under "
                       f"flock /tmp/dqtool-heavy.lock)"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +238,9 @@ def markdown(rep: dict) -> str:
              f"{rep['new_tokens']} greedy tokens; median of {rep['runs']} runs after 2 warm-up runs; every row "
              f"measured in this run, one target per lock acquisition. Students are untrained layer copies "
              f"({rep['student']}) of the teacher (latency does not depend on weight values), activations "
-             f"per {rep.get('act_granularity', 'token')}. ms/token = "
+             f"per {rep.get('act_granularity', 'token')}"
+             + (f" (encoder and cross-attention keys/values per {rep['encoder_act_granularity']})"
+                if rep.get("encoder_act_granularity") else "") + ". ms/token = "
              f"(generate - encoder) / tokens; the BeamSearch graph's encoder is timed with the folder's encoder "
              f"graph (the same ops its encoder subgraph runs). With the config's forced EOS the BeamSearch "
              f"graph runs one decoder step fewer than the step-by-step runtimes (the op is given max_length - 1 "

@@ -166,6 +166,10 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
                    "MatMulNBits' own int8 input quantizer (A 8; the export then needs no quantize ops).")
 @click.option("--act-block-size", type=int, default=None,
               help="Inputs per activation scale with --act-granularity block (default: --group-size, else 32).")
+@click.option("--encoder-act-granularity", type=click.Choice(["token", "tensor"]), default=None,
+              help="Activation range of the Linears that run over all source tokens (encoder, cross-attention "
+                   "keys/values), default: as --act-granularity. With --act-granularity block, 'token' puts them on "
+                   "ONNX Runtime's integer MatMul (much faster over many rows) and keeps MatMulNBits per token.")
 @click.option("--no-attention-quant", is_flag=True, help="Leave the attention matmul inputs (q, k, probs, v) in float.")
 @click.option("--pos-bits", default="none", show_default=True,
               help="Learned position tables (BART, mBART): 'e' = quantized per row at the embedding bits, a bit "
@@ -213,7 +217,7 @@ def eval_(model, data, split, preset, num_beams, max_length, min_length, length_
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint in OUT.partial/.")
 @click.option("--force", is_flag=True, help="Replace OUT (and any interrupted run) if it exists.")
 def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight_method, act_clip, act_asymmetric,
-        act_granularity, act_block_size, no_attention_quant, pos_bits, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
+        act_granularity, act_block_size, encoder_act_granularity, no_attention_quant, pos_bits, loss_task, loss_logits, logits_kind, temperature, loss_hidden, loss_attention,
         loss_enc_last, resume, force, **train):
     """Quantization-aware fine-tuning of STUDENT with distillation; writes OUT.
 
@@ -227,6 +231,7 @@ def qat(student, out, data, teacher, wea, weight_granularity, group_size, weight
     scheme = QuantScheme.from_wea_pos(wea, pos_bits, weight_granularity=weight_granularity, weight_group_size=group_size,
                                       weight_method=weight_method, act_clip=act_clip, act_symmetric=not act_asymmetric,
                                       act_granularity=act_granularity, act_block_size=act_block_size,
+                                      encoder_act_granularity=encoder_act_granularity,
                                       quantize_attention=not no_attention_quant)
     losses = LossConfig(task=loss_task, logits=loss_logits, hidden=loss_hidden, attention=loss_attention,
                         enc_last=loss_enc_last, logits_kind=logits_kind, temperature=temperature)
@@ -301,6 +306,11 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
                    "(session option mlas.use_lut_gemm, recorded in export.json; its own activation rounding).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="MatMulNBits compute: 4 = int8 (fast), 0 = float (faithful, slower for 2/8 bits).")
+@click.option("--nbits-kernel", type=click.Choice(["auto", "weight"]), default="auto", show_default=True,
+              help="MatMulNBits width per Linear (accuracy level 4): auto = the fastest measured (8 bits for the "
+                   "encoder and cross-attention keys/values, at least 4 per generated token; the same codes, "
+                   "re-packed at session start: the file keeps the packed bits), weight = the weights' own bits "
+                   "(least memory at run time).")
 @click.option("--rtol", type=float, default=2e-2, show_default=True,
               help="Largest max|d|/max|ref| between ORT and the packed PyTorch model the validation accepts.")
 @click.option("--external-data", type=click.Choice(["per-graph", "shared"]), default="shared", show_default=True,
@@ -312,7 +322,8 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
                    "in one graph, ONNX Runtime's BeamSearch op around the same quantized encoder/decoder and weights; "
                    "validated to give the ONNX runtime's tokens.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
-def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, generation_graph, force):
+def export(packed, out, matmul, accuracy_level, nbits_kernel, lut_gemm, rtol, external_data, generation_graph,
+           force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
@@ -320,7 +331,7 @@ def export(packed, out, matmul, accuracy_level, lut_gemm, rtol, external_data, g
     from dqtool.stages.export import ExportConfig, export as run_export
 
     r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
-                                                       lut_gemm=lut_gemm, external_data=external_data,
+                                                       nbits_kernel=nbits_kernel, lut_gemm=lut_gemm, external_data=external_data,
                                                        generation_graph=generation_graph),
                    force=force)
     c, s = r.check, r.sizes

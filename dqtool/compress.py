@@ -46,12 +46,12 @@ from dqtool.base.errors import DQToolError
 
 TOP_KEYS = ("teacher", "data", "work", "schemes", "distill", "qat", "convert", "export", "bench", "gates")
 SCHEME_KEYS = ("weight_granularity", "group_size", "weight_method", "act_clip", "act_asymmetric", "act_granularity",
-               "act_block_size", "quantize_attention", "pos_bits")
+               "act_block_size", "encoder_act_granularity", "quantize_attention", "pos_bits")
 # Recipe keys of the qat section that are not QATConfig fields: QuantScheme fields and LossConfig
 # fields under the names the CLI flags use (so a recipe reads like the command line).
 SCHEME_FIELDS = {"weight_granularity": "weight_granularity", "group_size": "weight_group_size",
                  "act_clip": "act_clip", "act_granularity": "act_granularity", "act_block_size": "act_block_size",
-                 "quantize_attention": "quantize_attention"}  # act_asymmetric: the negation of act_symmetric
+                 "encoder_act_granularity": "encoder_act_granularity", "quantize_attention": "quantize_attention"}  # act_asymmetric: the negation of act_symmetric
 LOSS_FIELDS = {"loss_task": "task", "loss_logits": "logits", "loss_hidden": "hidden", "loss_attention": "attention",
                "loss_enc_last": "enc_last", "logits_loss": "logits_kind", "temperature": "temperature"}
 LOSS_KEYS = tuple(LOSS_FIELDS)
@@ -64,7 +64,7 @@ GATE_KEYS = ("min_ratio", "max_quality_drop", "max_latency_ms")
 
 
 SCHEME_TYPES = {"weight_granularity": str, "group_size": "int?", "act_clip": str, "act_asymmetric": bool,
-                "act_granularity": str, "quantize_attention": bool}
+                "act_granularity": str, "encoder_act_granularity": "str?", "quantize_attention": bool}
 LOSS_TYPES = {"loss_task": float, "loss_logits": float, "loss_hidden": float, "loss_attention": float,
               "loss_enc_last": float, "logits_loss": str, "temperature": float}
 DISTILL_TYPES = {"encoder_layers": "int?", "decoder_layers": "int?", "layer_map": str, "encoder_map": "ints?",

@@ -195,7 +195,9 @@ def test_block_export_writes_the_quantizer_in_graph_where_the_kernel_computes_in
     """Where the kernel computes in float (2-bit blocks of 16 at accuracy level 4, or level 0)
     the graph quantizes the input itself with the same float ops: still exact."""
     packed = _packed(tmp_path, wea, 16, block)
-    r = export(packed, tmp_path / "onnx", ExportConfig(accuracy_level=level))
+    # (--nbits-kernel weight: the 2-bit kernel itself; auto would run these blocks as 4-bit, which
+    # computes in int8 and quantizes the input as training did)
+    r = export(packed, tmp_path / "onnx", ExportConfig(accuracy_level=level, nbits_kernel="weight"))
     nodes = _decoder_nodes(tmp_path / "onnx")
     producers = {o: n for n in nodes for o in n.output}
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]

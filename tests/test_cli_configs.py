@@ -18,7 +18,8 @@ from dqtool.model.layermap import SCHEMES
 from dqtool.model.losses import LOGIT_LOSSES, LossConfig
 from dqtool.model.packed import MATMULS as PACKED_MATMULS, STORAGES
 from dqtool.qmath.quant import ACT_GRANULARITIES, GRANULARITIES, METHODS
-from dqtool.qmath.scheme import ACT_CLIPS, QuantScheme
+from dqtool.qmath.onnx_ops import KERNEL_BITS_CHOICES
+from dqtool.qmath.scheme import ACT_CLIPS, ENCODER_ACT_GRANULARITIES, QuantScheme
 from dqtool.stages.bench.stage import BenchConfig
 from dqtool.stages.convert import ConvertConfig
 from dqtool.stages.distill import DistillConfig
@@ -67,6 +68,7 @@ CHOICES = {
     ("qat", "weight_method"): METHODS,
     ("qat", "act_clip"): ACT_CLIPS,
     ("qat", "act_granularity"): ACT_GRANULARITIES,
+    ("qat", "encoder_act_granularity"): tuple(g for g in ENCODER_ACT_GRANULARITIES if g is not None),
     ("qat", "logits_kind"): LOGIT_LOSSES,
     ("qat", "precision"): PRECISIONS,
     ("qat", "targets"): TARGETS,
@@ -76,6 +78,7 @@ CHOICES = {
     ("convert", "ternary_storage"): STORAGES,
     ("convert", "weight_cache"): WEIGHT_CACHE_MODES,
     ("export", "matmul"): MATMUL_CHOICES,
+    ("export", "nbits_kernel"): KERNEL_BITS_CHOICES,
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
     ("export", "external_data"): EXTERNAL_DATA_CHOICES,
     ("export", "generation_graph"): GENERATION_GRAPH_CHOICES,

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dqtool.qmath.quant import QuantSpec, fake_quant, init_weight_clip
-from dqtool.model.registry import ArchSpec, get_module, linears, spec_for
+from dqtool.model.registry import ArchSpec, get_module, linears, runs_per_token, spec_for
 from dqtool.qmath.scheme import QuantScheme
 from dqtool.model.weight_cache import cached
 
@@ -315,6 +315,7 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
             from dqtool.qmath.quant import validate_width
 
             validate_width(wspec, lin.in_features, name)
+        aspec = scheme.activation_spec(runs_per_token(name, spec))  # the encoder's may differ (encoder_act_granularity)
         if aspec is not None and aspec.granularity == "block":
             from dqtool.qmath.quant import validate_width
 
@@ -330,6 +331,7 @@ def prepare(model: nn.Module, scheme: QuantScheme, spec: ArchSpec | None = None)
             _set_module(model, path, QuantPositionEmbedding(get_module(model, path), pspec))
     head = get_module(model, spec.lm_head)
     assert (head.weight is emb.weight) == tied, "registry tie flag disagrees with the model"
+    aspec = scheme.activation_spec()  # the lm_head runs once per generated token
     if aspec is not None and aspec.granularity == "block":
         from dqtool.qmath.quant import validate_width
 

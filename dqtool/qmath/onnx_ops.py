@@ -66,6 +66,15 @@ class LinearPlan:
     block_size: int = 0        # nbits only
     accuracy_level: int = 4    # nbits only
     odd_codes: bool = False    # seq weights: stored u = (code + 2^b - 1) / 2 (dqtool.qmath.pack.pack_odd_codes)
+    # nbits only: the bits of the MatMulNBits kernel (0: ``bits``). Wider than ``bits``, the stored
+    # codes are re-packed in the graph on initializers (constant-folded once at session start: the
+    # file keeps the packed bits) with the same integers -- see :func:`kernel_bits`.
+    kernel_bits: int = 0
+
+    @property
+    def nbits(self) -> int:
+        """The ``bits`` attribute of this Linear's MatMulNBits node."""
+        return self.kernel_bits or self.bits
 
     @property
     def per_row(self) -> bool:
@@ -87,6 +96,43 @@ def choose_block(spec: QuantSpec, k: int) -> int:
         if k % b == 0:
             return b
     return 0
+
+
+# MatMulNBits kernel widths, measured with benchmarks/nbits_kernels.py (onnxruntime 1.32, 2 threads,
+# microseconds per call at BART-base shapes; benchmarks/results/nbits_kernels_rows_*.md):
+#                          AMD EPYC, AVX-512 VNNI              Intel Xeon, AVX-512 VNNI + AMX
+#   M=1   768x768 / 768x3072 / 3072x768 / 768x50265
+#     2-bit                16.7 / 73 / 60 / 653                31 / 68 / 63
+#     4-bit                16.4 / 30 / 32 / 678                17 / 69 / 36
+#   M=8   2-bit            106 / 202 / 319 / 3899              183 / 359 / 349
+#         4-bit             62 / 129 / 167 / 2523               50 / 172 / 170
+#   M=128 4-bit            486 / 1530 / 1869                   652 / 2457 / 2550
+#         8-bit            413 / 1326 / 1773                   596 / 2219 / 2249
+# The 2-bit kernel is compute-bound, not bandwidth-bound, at these sizes (the lm_head's 9.7 MB
+# in 653 us is 15 GB/s): 4-bit runs one-row Linears as fast or faster (within 4% on the
+# lm_head at M=1, 1.5x faster at M=8), and 8-bit is the fastest MatMulNBits over many rows.
+KERNEL_BITS_CHOICES = ("auto", "weight")
+
+
+def kernel_bits(bits: int, per_token: bool, odd_codes: bool = False, lut_gemm: bool = False) -> int:
+    """The MatMulNBits width for ``bits``-bit weight codes under ``--nbits-kernel auto``: Linears
+    that run over all source tokens (encoder, cross-attention keys/values) 8 bits, Linears run
+    once per generated token at least 4 (see the measurements above). The codes are the same
+    integers at any width, and at accuracy level 4 the kernel quantizes its input the same way,
+    so the choice changes speed and memory at run time, never the result. Odd codes (seq weights,
+    float zero points) and 2-bit Linears for the LUT kernel keep their own bits.
+
+    Example:
+        >>> kernel_bits(2, per_token=True), kernel_bits(2, per_token=False), kernel_bits(8, per_token=True)
+        (4, 8, 8)
+        >>> kernel_bits(2, per_token=True, lut_gemm=True), kernel_bits(2, per_token=False, odd_codes=True)
+        (2, 2)
+    """
+    if odd_codes:
+        return bits
+    if not per_token:
+        return 8
+    return bits if lut_gemm else max(bits, 4)
 
 
 # --------------------------------------------------------------------------- symbolic helpers
@@ -215,10 +261,9 @@ def weight_as_uint8(plan: LinearPlan) -> bool:
     return weight_max_code(plan.bits, plan.odd_codes) > U8S8_SAFE_MAX_CODE
 
 
-def _weight_codes_kn(g, qweight, plan: LinearPlan):
-    """``(codes [K, N], zero point)`` from the packed ``[N, row_bytes]`` initializer (constant-folded
-    by ORT): int8 codes and no zero point, or -- :func:`weight_as_uint8` -- uint8 ``code + 128``
-    and the uint8 zero point 128 (the same integers to MatMulInteger)."""
+def _stored_codes(g, qweight, plan: LinearPlan):
+    """The stored unsigned codes ``[N, K]`` (uint8, ``0 .. 2^bits - 1``) of the packed ``[N, row_bytes]``
+    rows (bit-unpacked on the initializer: constant-folded by ORT)."""
     bits, k, n = plan.bits, plan.in_features, plan.out_features
     u = qweight
     if bits != 8:
@@ -228,7 +273,33 @@ def _weight_codes_kn(g, qweight, plan: LinearPlan):
         u = g.op("BitwiseAnd", u, _const(g, (1 << bits) - 1, torch.uint8))
         u = g.op("Reshape", u, _const(g, [n, row_bytes(k, bits) * per], torch.int64))
         u = g.op("Slice", u, _const(g, [0], torch.int64), _const(g, [k], torch.int64), _const(g, [1], torch.int64))
-    c = g.op("Cast", u, to_i=_onnx_type("INT32"))
+    return u
+
+
+def _widened_blob(g, qweight, plan: LinearPlan):
+    """MatMulNBits' ``B [N, K/block, block * kb / 8]`` at the kernel's ``kb`` bits from the stored
+    ``bits``-bit rows: the same signed codes (``u - 2^(bits-1)``) re-centred on the kernel's
+    default zero point ``2^(kb-1)`` and packed ``8 / kb`` per byte, first in the low bits --
+    constant-folded by ORT at session start, so the file keeps the narrow codes."""
+    kb, k, n = plan.nbits, plan.in_features, plan.out_features
+    c = g.op("Cast", _stored_codes(g, qweight, plan), to_i=_onnx_type("INT32"))
+    c = g.op("Add", c, _const(g, zero_point(kb) - zero_point(plan.bits), torch.int32))
+    u = g.op("Cast", c, to_i=_onnx_type("UINT8"))                                    # [N, K], 0 .. 2^kb - 1
+    if kb == 4:
+        pairs = g.op("Reshape", u, _const(g, [n, k // 2, 2], torch.int64))
+        axis = _const(g, [2], torch.int64)
+        lo = g.op("Slice", pairs, _const(g, [0], torch.int64), _const(g, [1], torch.int64), axis)
+        hi = g.op("Slice", pairs, _const(g, [1], torch.int64), _const(g, [2], torch.int64), axis)
+        u = g.op("BitwiseOr", lo, g.op("BitShift", hi, _const(g, 4, torch.uint8), direction_s="LEFT"))
+    return g.op("Reshape", u, _const(g, [n, k // plan.block_size, plan.block_size * kb // 8], torch.int64))
+
+
+def _weight_codes_kn(g, qweight, plan: LinearPlan):
+    """``(codes [K, N], zero point)`` from the packed ``[N, row_bytes]`` initializer (constant-folded
+    by ORT): int8 codes and no zero point, or -- :func:`weight_as_uint8` -- uint8 ``code + 128``
+    and the uint8 zero point 128 (the same integers to MatMulInteger)."""
+    bits = plan.bits
+    c = g.op("Cast", _stored_codes(g, qweight, plan), to_i=_onnx_type("INT32"))
     if plan.odd_codes:
         # seq: code = 2u - (2^b - 1), the odd int8 codes training used (scale alpha / 2^b): exact
         c = g.op("Sub", g.op("Mul", c, _const(g, 2, torch.int32)), _const(g, odd_offset(bits), torch.int32))
@@ -253,7 +324,10 @@ def _nbits_inputs(g, qweight, scale, plan: LinearPlan, spec: QuantSpec):
     kernel's weights are the trained ones bit for bit. ORT runs float zero points in
     float whatever the accuracy level (no int8 A kernel)."""
     n, nb = plan.out_features, plan.in_features // plan.block_size
-    b = g.op("Reshape", qweight, _const(g, [n, nb, plan.block_size * plan.bits // 8], torch.int64))
+    if plan.nbits != plan.bits:
+        b = _widened_blob(g, qweight, plan)
+    else:
+        b = g.op("Reshape", qweight, _const(g, [n, nb, plan.block_size * plan.bits // 8], torch.int64))
     if spec.granularity == "group":
         s = scale
     else:
@@ -308,7 +382,7 @@ def kernel_quantizes_input(plan: LinearPlan) -> bool:
     if not (plan.path == NBITS and plan.a_bits == 8 and plan.accuracy_level == 4 and plan.clip == 0
             and not plan.odd_codes):
         return False
-    return kernel_int8_compute(plan.bits, plan.block_size) or plan.a_granularity != "block"
+    return kernel_int8_compute(plan.nbits, plan.block_size) or plan.a_granularity != "block"
 
 
 class _QLinearFn(torch.autograd.Function):
@@ -343,7 +417,7 @@ class _QLinearFn(torch.autograd.Function):
             b, sc, zp = _nbits_inputs(g, qweight, scale, plan, spec)
             zps = [zp] if zp is not None else []
             y = g.op("com.microsoft::MatMulNBits", a, b, sc, *zps, K_i=plan.in_features, N_i=plan.out_features,
-                     bits_i=plan.bits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
+                     bits_i=plan.nbits, block_size_i=plan.block_size, accuracy_level_i=plan.accuracy_level)
         return g.op("Add", y, bias)
 
 

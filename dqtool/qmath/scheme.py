@@ -16,6 +16,7 @@ from dqtool.qmath.quant import QuantSpec, parse_wea
 ACT_CLIPS = ("dynamic", "pact")
 # Folders written before act_granularity existed were trained with per-tensor ranges.
 LEGACY_ACT_GRANULARITY = "tensor"
+ENCODER_ACT_GRANULARITIES = (None, "token", "tensor")  # None: as act_granularity
 ACT_BLOCK_SIZES = (16, 32, 64, 128, 256)   # MatMulNBits block sizes
 DEFAULT_ACT_BLOCK = 32
 
@@ -64,6 +65,12 @@ class QuantScheme:
     act_granularity: str = "token"        # token: one dynamic range per row (batch-independent) | tensor
     #                                       | block: MatMulNBits' own int8 input quantizer (per row and block of K)
     act_block_size: int | None = None     # block only: None = the weight group size, else 32
+    # The activations of the Linears that run over all source tokens (encoder, cross-attention
+    # keys/values): None = act_granularity, or token / tensor. With act_granularity block this
+    # puts them on ONNX Runtime's integer path (MatMulInteger, several times faster than
+    # MatMulNBits over many rows) while the per-generated-token Linears keep MatMulNBits' own
+    # input quantizer: each part trained as its kernel computes.
+    encoder_act_granularity: str | None = None
     quantize_attention: bool = True       # also the inputs of the attention matmuls (q.k, probs.v)
     # Learned absolute positions (BART, mBART: one table per stack), per row like the token
     # embedding; None keeps them in float (folders written before this field existed).
@@ -88,10 +95,15 @@ class QuantScheme:
             if self.weight_granularity == "group" and b != self.weight_group_size:
                 raise DQToolError(f"act_block_size {b} differs from weight_group_size {self.weight_group_size}: "
                                   f"MatMulNBits quantizes its input per weight block, so they must be equal")
+        if self.encoder_act_granularity not in ENCODER_ACT_GRANULARITIES:
+            raise DQToolError(f"encoder_act_granularity '{self.encoder_act_granularity}' is not supported: choose "
+                              f"{' or '.join(g for g in ENCODER_ACT_GRANULARITIES if g)} (or leave it unset: as "
+                              f"act_granularity)")
         # Building the specs validates bits, granularity, group size and method.
         self.weight_spec()
         self.embedding_spec()
         self.activation_spec()
+        self.activation_spec(per_token=False)
         self.position_spec()
 
     @classmethod
@@ -143,10 +155,22 @@ class QuantScheme:
         """
         return None if self.pos_bits is None else QuantSpec.weight(self.pos_bits, "row", role="embedding")
 
-    def activation_spec(self) -> QuantSpec | None:
-        return None if self.a_bits is None else QuantSpec.activation(
-            self.a_bits, symmetric=self.act_symmetric, granularity=self.act_granularity,
-            block_size=self.resolved_act_block)
+    def activation_spec(self, per_token: bool = True) -> QuantSpec | None:
+        """The input quantizer of a Linear; ``per_token=False``: of one that runs over all source
+        tokens (:func:`dqtool.model.registry.runs_per_token`), which ``encoder_act_granularity`` may set.
+
+        Example:
+            >>> s = QuantScheme.from_wea("2-2-8", act_granularity="block", encoder_act_granularity="token")
+            >>> s.activation_spec().granularity, s.activation_spec(per_token=False).granularity
+            ('block', 'token')
+        """
+        if self.a_bits is None:
+            return None
+        if not per_token and self.encoder_act_granularity not in (None, self.act_granularity):
+            return QuantSpec.activation(self.a_bits, symmetric=self.act_symmetric,
+                                        granularity=self.encoder_act_granularity)
+        return QuantSpec.activation(self.a_bits, symmetric=self.act_symmetric, granularity=self.act_granularity,
+                                    block_size=self.resolved_act_block)
 
     def attention_activation_spec(self) -> QuantSpec | None:
         """The inputs of the attention matmuls (q.k, probs.v): the activation spec, per token

@@ -44,7 +44,8 @@ from dqtool.base.errors import DQToolError
 from dqtool.base.progress import stage
 from dqtool.formats.manifest import atomic_output, check_output, read_manifest, write_manifest
 from dqtool.qmath.pack import unpack_codes
-from dqtool.qmath.onnx_ops import BLOCK_SIZES, INTEGER, NBITS, NBITS_BITS, LinearPlan, choose_block, onnx_linear
+from dqtool.qmath.onnx_ops import (BLOCK_SIZES, INTEGER, KERNEL_BITS_CHOICES, NBITS, NBITS_BITS, LinearPlan,
+                                   choose_block, kernel_bits, onnx_linear)
 from dqtool.formats.onnx import DATA_FILE, ENCODER_FILE, EXPORT_FILE, GENERATION_FILE, ONNX_SUBDIR  # the file names the runtime loads
 from dqtool.formats.onnx import MERGED_FILE as DECODER_FILE
 from dqtool.runtimes.ort import session_options
@@ -92,6 +93,12 @@ class ExportConfig:
     # block multiples of 32, N of 128), a session setting recorded in export.json. Its activation
     # rounding is its own (not the block quantizer), so the check then tolerates nbits_rtol.
     lut_gemm: bool = False
+    # MatMulNBits kernel width per Linear: auto = the measured fastest of this onnxruntime
+    # (dqtool.qmath.onnx_ops.kernel_bits: 8 bits over many rows, at least 4 per token), the codes
+    # re-packed in the graph at session start (same integers, same result; the file keeps the
+    # packed bits, memory at run time holds the wider ones); weight = the weights' own bits
+    # (least memory at run time).
+    nbits_kernel: str = "auto"
     check_samples: int = 4
     check_length: int = 16
     seed: int = 0
@@ -113,6 +120,9 @@ class ExportConfig:
         if self.generation_graph not in GENERATION_GRAPH_CHOICES:
             raise ConfigError(f"{{generation_graph}} '{self.generation_graph}' is not supported: choose "
                               f"{', '.join(GENERATION_GRAPH_CHOICES)}")
+        if self.nbits_kernel not in KERNEL_BITS_CHOICES:
+            raise ConfigError(f"{{nbits_kernel}} '{self.nbits_kernel}' is not supported: choose "
+                              f"{', '.join(KERNEL_BITS_CHOICES)}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ConfigError(f"{{accuracy_level}} {self.accuracy_level} is not supported: choose 0 (float compute, "
                               f"faithful) or 4 (int8 compute, fast)")
@@ -251,8 +261,11 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                 "per-block activation scales vary along the reduction axis" if block_act else \
                 "group-wise weight scales vary along the reduction axis"
             raise DQToolError(f"--matmul integer cannot export {name}: {why}; choose --matmul nbits or auto")
-        block = 0
+        block, kbits = 0, spec.bits
         if path == NBITS:
+            odd = spec.method in ODD_CODE_METHODS
+            if cfg.nbits_kernel == "auto" and cfg.accuracy_level == 4:
+                kbits = kernel_bits(spec.bits, runs_per_token(name, arch), odd, cfg.lut_gemm)
             block = aspec.group_size if block_act else choose_block(spec, mod.in_features)
             if block_act and spec.granularity == "group" and spec.group_size != block:
                 raise DQToolError(f"{name}: activation block {block} differs from the weight group size "
@@ -266,7 +279,8 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                                  out_features=mod.out_features, a_bits=aspec.bits if aspec else None,
                                  a_symmetric=aspec.symmetric if aspec else True, clip=clip,
                                  a_granularity=aspec.granularity if aspec else "token", block_size=block,
-                                 accuracy_level=cfg.accuracy_level, odd_codes=spec.method in ODD_CODE_METHODS)
+                                 accuracy_level=cfg.accuracy_level, odd_codes=spec.method in ODD_CODE_METHODS,
+                                 kernel_bits=kbits if path == NBITS else 0)
     return plans
 
 
