@@ -63,6 +63,24 @@ def test_unsupported_settings_are_refused_in_one_line():
                         (dict(bad_words_ids=[[7]]), "bad_words_ids")):
         why = unsupported(GenerationConfig(**{**base, **extra}))
         assert why and word in why and "\n" not in why, (extra, why)
+    # Below 3 output positions onnxruntime's op fails (or reads out of bounds): refused, not run.
+    for length, forced, ok in ((3, None, True), (2, None, False), (4, 2, True), (3, 2, False), (2, 2, False)):
+        why = unsupported(GenerationConfig(**{**base, "max_length": length, "forced_eos_token_id": forced}))
+        assert (why is None) == ok and (ok or "too short" in why), (length, forced, why)
+
+
+def test_too_short_generations_are_refused_not_run(exported, tmp_path):  # noqa: F811
+    hf, folder = exported("bart")
+    shutil.copytree(folder, tmp_path / "onnx")
+    build_generation_graph(tmp_path / "onnx", resolve_generation_config(hf, None, {}), hf.config.d_model)
+    graph = GenerationGraph.from_folder(tmp_path / "onnx", threads=1)
+    ids, mask = _batch(hf.config.pad_token_id, hf.config.eos_token_id)
+    for n in (1, 2):   # the config forces EOS at the end: the op would get max_length n
+        with pytest.raises(ValueError, match=f"too short .* ask for at least 3 new tokens"):
+            graph.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n)
+    with torch.inference_mode():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(graph.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3), want)
 
 
 def test_restore_eos_and_expected_layout_round_trip():

@@ -57,6 +57,9 @@ SCALAR_INPUTS = ("max_length", "min_length", "num_beams", "num_return_sequences"
 
 # ---------------------------------------------------------------------- generation config
 
+MIN_OP_LENGTH = 3   # the shortest max_length onnxruntime's BeamSearch op runs for encoder-decoder models
+
+
 def unsupported(gc) -> str | None:
     """Why the BeamSearch op cannot run the resolved generation config ``gc`` exactly (one line), or None.
 
@@ -65,6 +68,8 @@ def unsupported(gc) -> str | None:
         >>> gc = GenerationConfig(decoder_start_token_id=2, eos_token_id=2, pad_token_id=1, forced_bos_token_id=0)
         >>> unsupported(gc)
         'forced_bos_token_id 0 is not supported by the BeamSearch generation graph: unset it (generation_config.json)'
+        >>> unsupported(GenerationConfig(decoder_start_token_id=2, eos_token_id=2, forced_eos_token_id=2, max_length=3))
+        "max_length 3 (the decoder start token and 2 new tokens) is too short for the BeamSearch generation graph (ONNX Runtime's op needs 1 more): ask for at least 3 new tokens or use the ONNX decoder runtime"
     """
     eos = as_list(gc.eos_token_id)
     where = "(generation_config.json)"
@@ -85,6 +90,14 @@ def unsupported(gc) -> str | None:
         return f"bad_words_ids are not supported by the BeamSearch generation graph: unset them {where}"
     if gc.max_length > np.iinfo(np.int32).max:
         return f"max_length {gc.max_length} is too large"
+    op_length = int(scalar_feeds(gc)["max_length"][0])
+    if op_length < MIN_OP_LENGTH:
+        # onnxruntime 1.32's BeamSearch fails below (max_length 1: a length error; 2: the
+        # encoder-decoder init step reads out of bounds) instead of returning the short sequence.
+        more = MIN_OP_LENGTH - op_length
+        return f"max_length {gc.max_length} (the decoder start token and {gc.max_length - 1} new tokens) is too short " \
+               f"for the BeamSearch generation graph (ONNX Runtime's op needs {more} more): ask for at least " \
+               f"{gc.max_length - 1 + more} new tokens or use the ONNX decoder runtime"
     return None
 
 
