@@ -217,6 +217,8 @@ def test_shipped_recipes_validate():
     demo = load_recipe(root / "demo.yaml")
     assert {c.targets for c in demo.qats.values()} == {"teacher"}
     assert {c.scheme.act_granularity for c in demo.qats.values()} == {"block"}   # issue 16: one MatMulNBits per Linear
+    # ... per token, one Linear: the encoder's many rows on MatMulInteger (issue 16)
+    assert {c.scheme.encoder_act_granularity for c in demo.qats.values()} == {"token"}
     assert all(c.scheme.act_symmetric for c in demo.qats.values())
     # issue 15: the 2-bit student's weights are a learned ternary (lsq), 8-bit ones min-max
     assert {w: c.scheme.weight_spec().method for w, c in demo.qats.items()} == {"2-2-8": "lsq", "8-8-8": "minmax"}
