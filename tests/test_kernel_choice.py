@@ -77,8 +77,8 @@ def test_kernel_bits_rule():
 def test_widened_kernels_compute_the_same_result(tmp_path):
     """--nbits-kernel auto runs 2-bit codes in 4-bit (per token) and 8-bit (encoder, cross
     keys/values) MatMulNBits: the same integers, so the same encoder output and logits as the
-    2-bit kernels bit for bit (up to the order of float sums), and ORT folds the re-packing into
-    initializers at session start (no bit op left to run per step); the file keeps 2 bits."""
+    2-bit kernels bit for bit (up to the order of float sums), and ORT folds the re-packing (one
+    Gather of a 256-entry table) into initializers at session start; the file keeps 2 bits."""
     import onnxruntime as ort
 
     scheme = QuantScheme.from_wea("2-2-8", act_granularity="block", quantize_attention=False)
@@ -95,18 +95,19 @@ def test_widened_kernels_compute_the_same_result(tmp_path):
     (e1, l1), (e2, l2) = _run(tmp_path / "w", ids), _run(tmp_path / "a", ids)
     assert np.allclose(e1, e2, rtol=0, atol=1e-5 * np.abs(e1).max()), np.abs(e1 - e2).max()
     assert np.allclose(l1, l2, rtol=0, atol=1e-5 * np.abs(l1).max()), np.abs(l1 - l2).max()
-    # The file holds the narrow codes once: same weights on disk for both exports.
-    assert abs(wide.sizes["weights"] - narrow.sizes["weights"]) < 0.01 * narrow.sizes["weights"]
-    bit_ops = []
-    for folder in ("w", "a"):   # the embedding lookup unpacks its gathered rows per step in both
+    # The file holds the narrow codes: the same weights on disk plus the re-packing tables
+    # (256 x 2 and 256 x 4 bytes, stored once).
+    assert 0 <= wide.sizes["weights"] - narrow.sizes["weights"] <= 256 * 6, (wide.sizes, narrow.sizes)
+    ops = []
+    for folder in ("w", "a"):
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / f"opt-{folder}.onnx")
         ort.InferenceSession(str(graph_folder(tmp_path / folder) / ENCODER_FILE), so,
                              providers=["CPUExecutionProvider"])
         nodes = onnx.load(str(tmp_path / f"opt-{folder}.onnx"), load_external_data=False).graph.node
-        assert any(n.op_type == "MatMulNBits" for n in nodes)
-        bit_ops.append(sorted(n.op_type for n in nodes if n.op_type.startswith("Bit")))
-    assert bit_ops[0] == bit_ops[1] and "BitwiseOr" not in bit_ops[1], bit_ops
+        ops.append(sorted(n.op_type for n in nodes))
+    # After ORT's session-start folding both encoders run the very same ops (the re-packing is gone).
+    assert "MatMulNBits" in ops[1] and ops[0] == ops[1], (len(ops[0]), len(ops[1]))
 
 
 def test_encoder_act_granularity_splits_the_kernels(tmp_path):

@@ -276,22 +276,36 @@ def _stored_codes(g, qweight, plan: LinearPlan):
     return u
 
 
+def widening_table(bits: int, kb: int) -> torch.Tensor:
+    """``[256, 8 // bits * kb // 8]`` uint8: for each stored byte (``8 / bits`` codes, first in the
+    low bits) the bytes of the same signed codes at ``kb`` bits (``u - 2^(bits-1) + 2^(kb-1)``,
+    packed ``8 / kb`` per byte, first in the low bits) -- MatMulNBits' layout.
+
+    Example:
+        >>> widening_table(2, 4)[0b11100100].tolist()     # codes -2, -1, 0, 1 -> 4-bit 6, 7, 8, 9
+        [118, 152]
+        >>> widening_table(2, 8)[0b11100100].tolist()
+        [126, 127, 128, 129]
+    """
+    per = 8 // bits
+    v = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
+    codes = (v >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)   # [256, per]
+    wide = codes - zero_point(bits) + zero_point(kb)
+    if kb == 8:
+        return wide.to(torch.uint8)
+    pairs = wide.reshape(256, per // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
 def _widened_blob(g, qweight, plan: LinearPlan):
     """MatMulNBits' ``B [N, K/block, block * kb / 8]`` at the kernel's ``kb`` bits from the stored
-    ``bits``-bit rows: the same signed codes (``u - 2^(bits-1)``) re-centred on the kernel's
-    default zero point ``2^(kb-1)`` and packed ``8 / kb`` per byte, first in the low bits --
+    ``bits``-bit rows: one ``Gather`` of each stored byte's wider bytes (:func:`widening_table`),
     constant-folded by ORT at session start, so the file keeps the narrow codes."""
     kb, k, n = plan.nbits, plan.in_features, plan.out_features
-    c = g.op("Cast", _stored_codes(g, qweight, plan), to_i=_onnx_type("INT32"))
-    c = g.op("Add", c, _const(g, zero_point(kb) - zero_point(plan.bits), torch.int32))
-    u = g.op("Cast", c, to_i=_onnx_type("UINT8"))                                    # [N, K], 0 .. 2^kb - 1
-    if kb == 4:
-        pairs = g.op("Reshape", u, _const(g, [n, k // 2, 2], torch.int64))
-        axis = _const(g, [2], torch.int64)
-        lo = g.op("Slice", pairs, _const(g, [0], torch.int64), _const(g, [1], torch.int64), axis)
-        hi = g.op("Slice", pairs, _const(g, [1], torch.int64), _const(g, [2], torch.int64), axis)
-        u = g.op("BitwiseOr", lo, g.op("BitShift", hi, _const(g, 4, torch.uint8), direction_s="LEFT"))
-    return g.op("Reshape", u, _const(g, [n, k // plan.block_size, plan.block_size * kb // 8], torch.int64))
+    table = g.op("Constant", value_t=widening_table(plan.bits, kb))
+    idx = g.op("Cast", qweight, to_i=_onnx_type("INT32"))                             # [N, K * bits / 8]
+    wide = g.op("Gather", table, idx, axis_i=0)                                       # [N, K * bits / 8, 8 / bits * kb / 8]
+    return g.op("Reshape", wide, _const(g, [n, k // plan.block_size, plan.block_size * kb // 8], torch.int64))
 
 
 def _weight_codes_kn(g, qweight, plan: LinearPlan):
