@@ -28,13 +28,9 @@ from pathlib import Path
 import torch
 
 from dqtool.formats.packed import load_packed
-from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.base.errors import DQToolError
 from dqtool.stages.export import ExportConfig, export
-from dqtool.formats.manifest import write_manifest
 from dqtool.runtimes.ort import load_onnx
-from dqtool.formats.qat import save_qat
-from dqtool.model.qmodules import prepare
 from dqtool.qmath.scheme import QuantScheme
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,30 +47,14 @@ SCHEMES = [  # name, W-E-A, scheme overrides, export config
 
 
 def tiny_packed(root: Path, wea: str, overrides: dict) -> Path:
-    from transformers import AutoModelForSeq2SeqLM, BartConfig
-
     import sys
 
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny import tiny_tokenizer
+    from tiny import pack_tiny, tiny_model
 
-    cfg = BartConfig(vocab_size=320, d_model=D_MODEL, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=2 * D_MODEL, decoder_ffn_dim=2 * D_MODEL,
-                     max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
-                     bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2)
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    scheme = QuantScheme.from_wea(wea, **overrides)
-    prepare(model, scheme)
-    (root / "qat").mkdir(parents=True)
-    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
-    write_manifest(root / "qat", "qat", inputs={}, config={})
-    convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
-    return root / "packed"
+    model = tiny_model("bart", 2, 2, d_model=D_MODEL, encoder_attention_heads=4, decoder_attention_heads=4,
+                       encoder_ffn_dim=2 * D_MODEL, decoder_ffn_dim=2 * D_MODEL)
+    return pack_tiny(root, model, QuantScheme.from_wea(wea, **overrides))
 
 
 def main() -> None:

@@ -18,13 +18,10 @@ import pytest
 import torch
 
 from dqtool.formats.manifest import write_manifest
-from dqtool.formats.qat import save_qat
-from dqtool.model.qmodules import prepare
 from dqtool.qmath.scheme import QuantScheme
 from dqtool.runtimes.ort import load_onnx
-from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.stages.export import ExportConfig, export
-from tiny import tiny_config, tiny_tokenizer
+from tiny import pack_tiny, tiny_config
 
 TRANSFORMERS_JS = "4.3.2"  # the version verified here (onnxruntime-node 1.24+)
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +64,7 @@ def _make_packed(root: Path) -> Path:
     config = tiny_config("bart", 2, 2)
     config.init_std = 0.2
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
-    scheme = QuantScheme.from_wea("8-8-8", act_symmetric=False)
-    prepare(model, scheme)
-    (root / "qat").mkdir(parents=True)
-    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
-    write_manifest(root / "qat", "qat", inputs={}, config={})
-    convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
-    return root / "packed"
+    return pack_tiny(root, model, QuantScheme.from_wea("8-8-8", act_symmetric=False))
 
 
 def _node_generate(modules: Path, folder: Path, ids, mask, max_new_tokens: int, tmp: Path) -> np.ndarray:

@@ -10,35 +10,17 @@ import pytest
 import torch
 
 from dqtool.base.errors import DQToolError
-from dqtool.formats.manifest import write_manifest
 from dqtool.formats.onnx import graph_folder
 from dqtool.formats.packed import load_packed
-from dqtool.formats.qat import save_qat
-from dqtool.model.qmodules import prepare
 from dqtool.qmath.onnx_ops import kernel_bits
 from dqtool.qmath.scheme import QuantScheme
-from dqtool.stages.convert import ConvertConfig, convert
 from dqtool.stages.export import DECODER_FILE, ENCODER_FILE, ExportConfig, _all_graphs, export
-from tiny import tiny_config, tiny_tokenizer
+from tiny import pack_tiny, tiny_model
 
 
 def _packed(root: Path, scheme: QuantScheme, d_model: int = 32) -> Path:
-    from transformers import AutoModelForSeq2SeqLM
-
-    cfg = tiny_config("bart", 2, 2)
-    cfg.d_model, cfg.encoder_ffn_dim, cfg.decoder_ffn_dim = d_model, 2 * d_model, 2 * d_model
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    prepare(model, scheme)
-    (root / "qat").mkdir(parents=True)
-    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
-    write_manifest(root / "qat", "qat", inputs={}, config={})
-    convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
-    return root / "packed"
+    model = tiny_model("bart", 2, 2, d_model=d_model, encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model)
+    return pack_tiny(root, model, scheme)
 
 
 def _matmuls(folder: Path, graph: str) -> set[tuple[str, int]]:

@@ -41,11 +41,15 @@ def tiny_config(arch: str, enc: int = 4, dec: int = 4):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, enc: int = 4, dec: int = 4, seed: int = 0):
+def tiny_model(arch: str, enc: int = 4, dec: int = 4, seed: int = 0, **config):
+    """A tiny model of ``arch``; ``config`` overrides config fields (e.g. ``d_model``)."""
     from transformers import AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
-    model = AutoModelForSeq2SeqLM.from_config(tiny_config(arch, enc, dec))
+    cfg = tiny_config(arch, enc, dec)
+    for k, v in config.items():
+        setattr(cfg, k, v)
+    model = AutoModelForSeq2SeqLM.from_config(cfg)
     # Random, non-zero norms and biases so a copy from the wrong place cannot pass.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,6 +69,22 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>",
                                    eos_token="</s>", unk_token="<unk>",
                                    model_input_names=["input_ids", "attention_mask"])
+
+
+def pack_tiny(root: Path, model, scheme) -> Path:
+    """``model`` prepared with ``scheme``, saved as a QAT folder ``root/qat`` and converted to
+    ``root/packed`` (float32 floats, one check sample); returns the packed folder."""
+    from dqtool.formats.manifest import write_manifest
+    from dqtool.formats.qat import save_qat
+    from dqtool.model.qmodules import prepare
+    from dqtool.stages.convert import ConvertConfig, convert
+
+    prepare(model, scheme)
+    (root / "qat").mkdir(parents=True)
+    save_qat(model, tiny_tokenizer(), root / "qat", scheme)
+    write_manifest(root / "qat", "qat", inputs={}, config={})
+    convert(root / "qat", root / "packed", ConvertConfig(float_dtype="float32", check_samples=1))
+    return root / "packed"
 
 
 def save_tiny(path: Path, arch: str, enc: int = 4, dec: int = 4, seed: int = 0):

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dqtool.qmath.pack import odd_offset, row_bytes, unpack_method_codes, zero_point
+from dqtool.qmath.pack import odd_offset, pack_codes, row_bytes, unpack_codes, unpack_method_codes, zero_point
 from dqtool.qmath.quant import QuantSpec, dequantize, fake_quant
 
 INTEGER, NBITS = "integer", "nbits"
@@ -287,14 +287,8 @@ def widening_table(bits: int, kb: int) -> torch.Tensor:
         >>> widening_table(2, 8)[0b11100100].tolist()
         [126, 127, 128, 129]
     """
-    per = 8 // bits
-    v = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
-    codes = (v >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)   # [256, per]
-    wide = codes - zero_point(bits) + zero_point(kb)
-    if kb == 8:
-        return wide.to(torch.uint8)
-    pairs = wide.reshape(256, per // 2, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    every_byte = torch.arange(256, dtype=torch.uint8).unsqueeze(-1)                   # [256, 1]
+    return pack_codes(unpack_codes(every_byte, bits, 8 // bits), kb)                 # the packed layout = MatMulNBits'
 
 
 def _widened_blob(g, qweight, plan: LinearPlan):

@@ -245,12 +245,12 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
         # Per-block activation scales (MatMulNBits' own input quantizer) vary along the
         # reduction axis, which one MatMulInteger cannot rescale: those Linears take MatMulNBits.
         block_act = aspec is not None and aspec.granularity == "block"
+        per_token, odd = runs_per_token(name, arch), spec.method in ODD_CODE_METHODS
         integer_ok = aspec is not None and spec.granularity != "group" and not block_act
         if cfg.matmul == "auto":
             # Many rows (encoder, cross-attention keys/values): MatMulInteger is several times
             # faster. One row per step (decoder, lm_head): MatMulNBits reads the packed 2/4-bit
             # weights (int8 MatMulInteger would read 8 bits per weight per token).
-            per_token = runs_per_token(name, arch)
             nbits_ok = choose_block(spec, mod.in_features) > 0
             path = NBITS if (per_token and memory_bound and nbits_ok and spec.bits < 8) or not integer_ok \
                 else INTEGER
@@ -261,11 +261,10 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                 "per-block activation scales vary along the reduction axis" if block_act else \
                 "group-wise weight scales vary along the reduction axis"
             raise DQToolError(f"--matmul integer cannot export {name}: {why}; choose --matmul nbits or auto")
-        block, kbits = 0, spec.bits
+        block, kbits = 0, 0   # kbits 0: MatMulNBits at the weights' own bits
         if path == NBITS:
-            odd = spec.method in ODD_CODE_METHODS
             if cfg.nbits_kernel == "auto" and cfg.accuracy_level == 4:
-                kbits = kernel_bits(spec.bits, runs_per_token(name, arch), odd, cfg.lut_gemm)
+                kbits = kernel_bits(spec.bits, per_token, odd, cfg.lut_gemm)
             block = aspec.group_size if block_act else choose_block(spec, mod.in_features)
             if block_act and spec.granularity == "group" and spec.group_size != block:
                 raise DQToolError(f"{name}: activation block {block} differs from the weight group size "
@@ -279,8 +278,8 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                                  out_features=mod.out_features, a_bits=aspec.bits if aspec else None,
                                  a_symmetric=aspec.symmetric if aspec else True, clip=clip,
                                  a_granularity=aspec.granularity if aspec else "token", block_size=block,
-                                 accuracy_level=cfg.accuracy_level, odd_codes=spec.method in ODD_CODE_METHODS,
-                                 kernel_bits=kbits if path == NBITS else 0)
+                                 accuracy_level=cfg.accuracy_level, odd_codes=odd,
+                                 kernel_bits=kbits)
     return plans
 
 
