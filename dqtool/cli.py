@@ -321,9 +321,13 @@ def convert(qat_dir, out, float_dtype, tolerance, check_samples, ternary_storage
               help="beam = also write onnx/generation_model.onnx: the whole generation (greedy = 1 beam, beam search) "
                    "in one graph, ONNX Runtime's BeamSearch op around the same quantized encoder/decoder and weights; "
                    "validated to give the ONNX runtime's tokens.")
+@click.option("--decoder-step", type=click.Choice(["lean", "optimum"]), default="lean", show_default=True,
+              help="The generation graph's cached decoder step: lean = one MultiHeadAttention node per attention and "
+                   "no shape ops (BART, mBART; schemes that keep the attention matmuls in float; elsewhere the optimum "
+                   "one), optimum = the merged decoder's cached branch.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new folder is complete).")
 def export(packed, out, matmul, accuracy_level, nbits_kernel, lut_gemm, rtol, external_data, generation_graph,
-           force):
+           decoder_step, force):
     """Export a 'dqtool convert' folder PACKED to ONNX (encoder + merged decoder) in OUT.
 
     Every export is validated against the packed PyTorch model before OUT appears.
@@ -332,7 +336,7 @@ def export(packed, out, matmul, accuracy_level, nbits_kernel, lut_gemm, rtol, ex
 
     r = run_export(packed, out, ExportConfig(matmul=matmul, accuracy_level=int(accuracy_level), rtol=rtol,
                                                        nbits_kernel=nbits_kernel, lut_gemm=lut_gemm, external_data=external_data,
-                                                       generation_graph=generation_graph),
+                                                       generation_graph=generation_graph, decoder_step=decoder_step),
                    force=force)
     c, s = r.check, r.sizes
     click.echo(f"ONNX student ({r.wea}) written to {r.out_dir}: {r.paths['integer']} Linears as MatMulInteger, "

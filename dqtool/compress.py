@@ -445,6 +445,24 @@ def compress(recipe: Recipe, gates=None, dry_run: bool = False, force: bool = Fa
         return _compress(recipe, gates, force, log)
 
 
+def bench_models(steps) -> list[str]:
+    """What the bench step measures of each export: its generation graph where the recipe asks for one
+    (``export: generation_graph: beam``: the whole generation in one ONNX Runtime call, the same tokens
+    as the folder's step-by-step runtime), else the folder.
+
+    Example:
+        >>> from dqtool.stages.export import ExportConfig
+        >>> steps = [Step("export", Path("w/onnx-2-2-8"), ExportConfig(generation_graph="beam")),
+        ...          Step("export", Path("w/onnx-8-8-8"), ExportConfig())]
+        >>> bench_models(steps)
+        ['w/onnx-2-2-8/onnx/generation_model.onnx', 'w/onnx-8-8-8']
+    """
+    from dqtool.formats.onnx import GENERATION_FILE, ONNX_SUBDIR
+
+    return [str(x.out / ONNX_SUBDIR / GENERATION_FILE) if x.config.generation_graph == "beam" else str(x.out)
+            for x in steps if x.stage == "export"]
+
+
 def _compress(recipe: Recipe, gates, force: bool, log) -> CompressResult:
     from dqtool.stages.bench.stage import bench, check_gates
     from dqtool.stages.convert import convert
@@ -471,8 +489,7 @@ def _compress(recipe: Recipe, gates, force: bool, log) -> CompressResult:
         elif s.stage == "export":
             export(s.source, s.out, s.config, force=True)
         elif s.stage == "bench":
-            onnx_dirs = [str(x.out) for x in steps if x.stage == "export"]
-            bench(onnx_dirs, s.out, s.config, force=True, log=log)
+            bench(bench_models(steps), s.out, s.config, force=True, log=log)
     report = json.loads((recipe.work / "bench" / "bench.json").read_text())
     results = check_gates(report, gates if gates is not None else recipe.gates)
     return CompressResult(steps, report, results)

@@ -24,8 +24,8 @@ from dqtool.stages.bench.stage import BenchConfig
 from dqtool.stages.convert import ConvertConfig
 from dqtool.stages.distill import DistillConfig
 from dqtool.stages.evaluate import PRESETS, EvalConfig
-from dqtool.stages.export import (ACCURACY_LEVELS, EXTERNAL_DATA_CHOICES, GENERATION_GRAPH_CHOICES, MATMUL_CHOICES,
-                                  ExportConfig)
+from dqtool.stages.export import (ACCURACY_LEVELS, DECODER_STEP_CHOICES, EXTERNAL_DATA_CHOICES,
+                                  GENERATION_GRAPH_CHOICES, MATMUL_CHOICES, ExportConfig)
 from dqtool.model.weight_cache import MODES as WEIGHT_CACHE_MODES
 from dqtool.stages.qat import PRECISIONS, TARGETS, TEACHER_DTYPES, QATConfig
 
@@ -82,6 +82,7 @@ CHOICES = {
     ("export", "accuracy_level"): tuple(str(a) for a in ACCURACY_LEVELS),
     ("export", "external_data"): EXTERNAL_DATA_CHOICES,
     ("export", "generation_graph"): GENERATION_GRAPH_CHOICES,
+    ("export", "decoder_step"): DECODER_STEP_CHOICES,
 }
 
 

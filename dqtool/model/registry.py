@@ -65,6 +65,9 @@ class ArchSpec:
     attention_interface: bool = True
     # False when positions are relative (T5): no table of max_position_embeddings rows bounds the input.
     position_table: bool = True
+    # Layout of the lean cached decoder step (dqtool.model.decoder_step: "post-norm" or "pre-norm")
+    # that the BeamSearch generation graph runs per token; "" = the optimum-exported step.
+    decoder_step: str = ""
     notes: str = ""
 
     def stacks(self) -> dict[str, StackSpec]:
@@ -85,7 +88,7 @@ _BART_ALIASES = ("model.encoder.embed_tokens", "model.decoder.embed_tokens")
 
 
 def _bart_like(name: str, config_class: str, enc_norms: tuple, dec_norms: tuple,
-               learned_pos: bool, notes: str) -> ArchSpec:
+               learned_pos: bool, notes: str, decoder_step: str = "") -> ArchSpec:
     return ArchSpec(
         name=name,
         config_class=config_class,
@@ -97,6 +100,7 @@ def _bart_like(name: str, config_class: str, enc_norms: tuple, dec_norms: tuple,
         position_embeddings=("model.encoder.embed_positions", "model.decoder.embed_positions"),
         positions_learned=learned_pos,
         extra_params=("final_logits_bias",),
+        decoder_step=decoder_step,
         notes=notes,
     )
 
@@ -115,11 +119,11 @@ _T5_DEC = ("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAt
 _SPECS: tuple[ArchSpec, ...] = (
     _bart_like("bart", "BartConfig",
                ("model.encoder.layernorm_embedding",), ("model.decoder.layernorm_embedding",), True,
-               "post-norm; learned positions with offset 2"),
+               "post-norm; learned positions with offset 2", decoder_step="post-norm"),
     _bart_like("mbart", "MBartConfig",
                ("model.encoder.layernorm_embedding", "model.encoder.layer_norm"),
                ("model.decoder.layernorm_embedding", "model.decoder.layer_norm"), True,
-               "pre-norm with final layer norms"),
+               "pre-norm with final layer norms", decoder_step="pre-norm"),
     _bart_like("marian", "MarianConfig", (), (), False,
                "sinusoidal positions; no embedding layer norm"),
     _bart_like("pegasus", "PegasusConfig", ("model.encoder.layer_norm",), ("model.decoder.layer_norm",), False,

@@ -153,13 +153,18 @@ def _dims(vi):
 
 
 def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file: str = GENERATION_FILE,
-                           heads: int | None = None, head_dim: int | None = None, vocab: int | None = None) -> Path:
+                           heads: int | None = None, head_dim: int | None = None, vocab: int | None = None,
+                           step=None) -> Path:
     """Write ``gdir/out_file``: the BeamSearch graph around ``gdir``'s encoder and merged decoder.
 
     ``generation_config``: the resolved config (its token ids become the op's attributes; the
     lengths and penalties are inputs, see :func:`scalar_feeds`);
     ``hidden``: the encoder's output width. The weights stay in the external data files the two
-    graphs reference (nothing is copied). Returns the path written.
+    graphs reference (nothing is copied). ``step``: an ONNX model of the cached decoder step with
+    the decoder subgraph's inputs and outputs (:mod:`dqtool.model.decoder_step`, initializers named
+    as the two graphs') that replaces the merged decoder's cached branch; nodes that compute the
+    same value from the weights (both graphs' weight unpacking) are merged, so each weight is still
+    held once. Returns the path written.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -256,6 +261,19 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
     past_outs = [past_name(v.name) for v in past_g.output]
     d_first = split_constant(d_first, "d0.", const_d | const)
     d_past = split_constant(d_past, "d1.", const_d | const)
+    if step is not None:
+        for init in step.graph.initializer:
+            inits.setdefault(init.name, init)
+        keep.update(init.name for init in step.graph.initializer)
+        io = {v.name: v.name for v in (*step.graph.input, *step.graph.output)}
+        d_past = [onnx.NodeProto.FromString(n.SerializeToString()) for n in step.graph.node]
+        rename_all(d_past, io, "s.")
+        d_past = split_constant(d_past, "s.", const_d | const | set(keep))
+    merged = _merge_same(hoisted)
+    for n in (*e_nodes, *d_first, *d_past):
+        for i, x in enumerate(n.input):
+            if x in merged:
+                n.input[i] = merged[x]
     for n in d_past:
         if "encoder_hidden_states" in n.input or e_out in n.input:
             raise DQToolError(f"{MERGED_FILE}: the cached decoder step reads encoder_hidden_states; not supported")
@@ -298,19 +316,29 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
     # decoder subgraph
     dec_nodes = [helper.make_node("Cast", ["input_ids"], ["ids64"], to=TensorProto.INT64),
                  helper.make_node("Cast", ["encoder_attention_mask"], ["mask64"], to=TensorProto.INT64)]
-    dec_nodes += d_past
+    if step is not None:
+        dec_nodes = d_past   # its inputs and outputs are the subgraph's
+    else:
+        dec_nodes += d_past
     ins = [vi("input_ids", I32, ["B", 1]), vi("encoder_attention_mask", I32, ["B", "S"])]
     for tag, length in (("self", "P"), ("cross", "S")):
         for i in layers:
             for kv in ("key", "value"):
                 ins.append(vi(f"past_{kv}_{tag}_{i}", F, ["B", heads, length, head_dim]))
     outs = [vi("logits", F, ["B", 1, vocab])]
-    dec_nodes.append(helper.make_node("Identity", [past_outs[idx["logits"]]], ["logits"]))
+    if step is None:
+        dec_nodes.append(helper.make_node("Identity", [past_outs[idx["logits"]]], ["logits"]))
     for i in layers:
         for kv in ("key", "value"):
             name = f"present_{kv}_self_{i}"
-            dec_nodes.append(helper.make_node("Identity", [past_outs[idx[f"present.{i}.decoder.{kv}"]]], [name]))
+            if step is None:
+                dec_nodes.append(helper.make_node("Identity", [past_outs[idx[f"present.{i}.decoder.{kv}"]]], [name]))
             outs.append(vi(name, F, ["B", heads, "P1", head_dim]))
+    if step is not None:
+        want = [v.name for v in (*ins, *outs)]
+        have = [v.name for v in (*step.graph.input, *step.graph.output)]
+        if have != want:
+            raise DQToolError(f"the decoder step graph's inputs/outputs {have} are not the BeamSearch decoder's {want}")
     dec_graph = helper.make_graph(dec_nodes, "decoder with past", ins, outs)
 
     gc = generation_config
@@ -338,6 +366,34 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
     path = gdir / out_file
     onnx.save_model(model, str(path))
     return path
+
+
+def _merge_same(nodes) -> dict[str, str]:
+    """Drop from ``nodes`` (in place; topological order) each node that repeats an earlier one (same
+    op, same inputs after merging, same attributes; tensor names ignored) and return ``{dropped
+    output: the kept node's output}``, also applied to the kept nodes' inputs."""
+    import onnx
+
+    def attr_key(a):
+        if a.type == onnx.AttributeProto.TENSOR and a.t.name:
+            a = onnx.AttributeProto.FromString(a.SerializeToString())
+            a.t.name = ""
+        return a.SerializeToString(deterministic=True)
+
+    seen, mapping, kept = {}, {}, []
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            if x in mapping:
+                n.input[i] = mapping[x]
+        key = (n.domain, n.op_type, tuple(n.input), len(n.output), tuple(attr_key(a) for a in n.attribute))
+        first = seen.get(key)
+        if first is None:
+            seen[key] = n
+            kept.append(n)
+        else:
+            mapping.update({o: f for o, f in zip(n.output, first.output) if o})
+    nodes[:] = kept
+    return mapping
 
 
 def _prune_nodes(nodes, needed: set) -> list:

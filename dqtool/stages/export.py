@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from dqtool.formats.onnx import graph_folder
 
 EXTERNAL_DATA_CHOICES = ("per-graph", "shared")  # DATA_FILE: the one file of --external-data shared
 MATMUL_CHOICES = ("auto", INTEGER, NBITS)
+DECODER_STEP_CHOICES = ("lean", "optimum")  # the generation graph's cached decoder step
 GENERATION_GRAPH_CHOICES = ("none", "beam")  # beam: also onnx/generation_model.onnx (ORT's BeamSearch op)
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = float compute (faithful), 4 = int8 compute (fast)
 OPSET = 18  # BitwiseAnd (in-graph unpacking of packed codes) needs opset 18
@@ -110,8 +112,15 @@ class ExportConfig:
     # the same quantized encoder and decoder (ONNX Runtime's com.microsoft.BeamSearch op, the weights
     # shared with the two graphs); validated to give the ONNX runtime's tokens.
     generation_graph: str = "none"
+    # The generation graph's cached decoder step: lean = dqtool.model.decoder_step (one
+    # MultiHeadAttention node per attention, no shape ops; architectures with a registry layout and
+    # schemes that leave the attention matmuls in float), optimum = the merged decoder's cached branch.
+    decoder_step: str = "lean"
 
     def __post_init__(self):
+        if self.decoder_step not in DECODER_STEP_CHOICES:
+            raise ConfigError(f"{{decoder_step}} '{self.decoder_step}' is not supported: choose "
+                              f"{', '.join(DECODER_STEP_CHOICES)}")
         if self.matmul not in MATMUL_CHOICES:
             raise ConfigError(f"{{matmul}} '{self.matmul}' is not supported: choose {', '.join(MATMUL_CHOICES)}")
         if self.external_data not in EXTERNAL_DATA_CHOICES:
@@ -686,7 +695,45 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
     return result
 
 
-def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
+def export_decoder_step(model, plans: dict[str, LinearPlan], names: dict[str, str], base3, disk_layout, raw: Path):
+    """The lean cached decoder step (:mod:`dqtool.model.decoder_step`) of the packed ``model`` as an ONNX
+    model whose initializers carry the packed names (as the exported graphs'), or None where the
+    registry has no step layout for the architecture or the scheme quantizes the attention matmuls'
+    inputs (the optimum step then runs). Call within :func:`onnx_modules`."""
+    import onnx
+
+    from dqtool.model.decoder_step import DecoderStep, fix_attention_inputs, quantizes_attention
+    from dqtool.model.registry import spec_for
+
+    layout = spec_for(model.config).decoder_step
+    if not layout or quantizes_attention(model):
+        return None
+    step = DecoderStep(model, layout).eval()
+    heads, d = step.heads, int(model.config.d_model)
+    b, s, p = 2, 5, 3
+    past = [torch.zeros(b, heads, p, d // heads) for _ in range(2 * step.layers)]
+    past += [torch.zeros(b, heads, s, d // heads) for _ in range(2 * step.layers)]
+    args = (torch.full((b, 1), 4, dtype=torch.int32), torch.ones(b, s, dtype=torch.int32), *past)
+    dynamic = {"input_ids": {0: "B"}, "encoder_attention_mask": {0: "B", 1: "S"}, "logits": {0: "B"}}
+    for name in step.input_names()[2:] + step.output_names()[1:]:
+        dynamic[name] = {0: "B", 2: "S" if "cross" in name else "P"}
+    path = raw / "decoder_step.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, args, str(path), input_names=step.input_names(), output_names=step.output_names(),
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=False)
+    m = onnx.load(str(path))
+    if fix_attention_inputs(m.graph) != 2 * step.layers:
+        raise DQToolError("the decoder step graph lost an attention node; please report it")
+    rename_initializers(m, names, "")
+    store_base3(m, base3, disk_layout)
+    compact_names(m)
+    dedupe_constants(m)
+    hoist_constants(m)
+    return m
+
+
+def write_generation_graph(folder: Path, cfg: ExportConfig, step=None) -> dict:
     """Write ``folder/onnx/generation_model.onnx`` (:mod:`dqtool.runtimes.beamgraph`) for the folder's
     generation config and check its tokens against the ONNX runtime's (:class:`~dqtool.runtimes.ort.OnnxSeq2Seq`)
     on the check inputs: greedy and beam search (the config's beams, at least 2) with the config's
@@ -706,7 +753,7 @@ def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
     heads = getattr(dec_cfg, "decoder_attention_heads", None) or getattr(dec_cfg, "num_heads", None)
     head_dim = getattr(dec_cfg, "d_kv", None) or (hidden // heads if heads else None)
     path = build_generation_graph(graph_folder(folder), gc, hidden, heads=heads, head_dim=head_dim,
-                                  vocab=int(ref.config.vocab_size))
+                                  vocab=int(ref.config.vocab_size), step=step)
     graph = GenerationGraph.from_folder(folder, threads=1)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     vocab = int(ref.config.vocab_size)
@@ -714,7 +761,8 @@ def write_generation_graph(folder: Path, cfg: ExportConfig) -> dict:
     mask = torch.ones_like(ids)
     mask[0, cfg.check_length // 2:] = 0
     ids[0, cfg.check_length // 2:] = gc.pad_token_id if gc.pad_token_id is not None else 0
-    result = {"file": path.name, "bytes": path.stat().st_size, "samples": cfg.check_samples}
+    result = {"file": path.name, "bytes": path.stat().st_size, "samples": cfg.check_samples,
+              "decoder_step": "lean (MultiHeadAttention)" if step is not None else "optimum"}
     beams = max(2, int(gc.num_beams))
     # a greedy config's graph stops at the first finished hypotheses (the op's early_stopping 1)
     stop = True if gc.num_beams == 1 else gc.early_stopping
@@ -782,6 +830,10 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         names = canonical_names(model)
         encoder_root = spec_for(model.config).encoder.layers_path.rsplit(".", 1)[0]
         base3, disk_layout = _base3_tables(src)
+        step = None
+        if cfg.generation_graph == "beam" and cfg.decoder_step == "lean":
+            with onnx_modules(model, plans), stage("export: the lean decoder step (generation graph)"):
+                step = export_decoder_step(model, plans, names, base3, disk_layout, raw)
         models, stored_base3 = {}, set()
         for fname in (ENCODER_FILE, DECODER_FILE):
             m = onnx.load(str(raw / fname))
@@ -823,7 +875,7 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         graphs = [ENCODER_FILE, DECODER_FILE]
         if cfg.generation_graph == "beam":
             with stage("export: generation graph (BeamSearch) and its token parity with the ONNX runtime"):
-                check["generation_graph"] = write_generation_graph(tmp, cfg)
+                check["generation_graph"] = write_generation_graph(tmp, cfg, step)
             graphs.append(GENERATION_FILE)
         counts = {INTEGER: sum(p.path == INTEGER for p in plans.values()),
                   NBITS: sum(p.path == NBITS for p in plans.values())}
