@@ -56,6 +56,9 @@ def args_():
     ap.add_argument("--source-tokens", type=int, default=64)
     ap.add_argument("--peers", default=PEERS)
     ap.add_argument("--no-teacher", action="store_true", help="leave the PyTorch fp32 teacher row out")
+    ap.add_argument("--optimum-step", action="store_true",
+                    help="also a BeamSearch graph around optimum's cached decoder step (export --decoder-step "
+                         "optimum), the lean step's before")
     ap.add_argument("--build", action="store_true", help="build students, exports and peers")
     ap.add_argument("--target", help="measure target K, or targets K-L (saved under WORK/rows)")
     ap.add_argument("--report", action="store_true")
@@ -83,6 +86,10 @@ def _suffix(a) -> str:
 
 def exports(a) -> list[tuple[str, Path]]:
     return [(s, a.work / f"onnx-{a.student}-{s}{_suffix(a)}") for s in a.schemes.split(",")]
+
+
+def _optimum_step(onnx: Path) -> Path:
+    return onnx.with_name(onnx.name + "-optimum-step")
 
 
 def build(a) -> None:
@@ -130,6 +137,8 @@ def build(a) -> None:
             convert(qat, packed, ConvertConfig(float_dtype="float32", teacher=str(teacher), check_samples=2))
         if not onnx.exists():
             export(packed, onnx, ExportConfig(generation_graph="beam"))
+        if a.optimum_step and not _optimum_step(onnx).exists():
+            export(packed, _optimum_step(onnx), ExportConfig(generation_graph="beam", decoder_step="optimum"))
     cfg = bench_cfg(a)
     build_peers(cfg.peers, cfg.teacher, cfg.student, w / "peers", a.threads)
 
@@ -145,6 +154,9 @@ def targets(a):
         out.append(folder_target(onnx, "dqtool", a.threads, f"dqtool {a.student} {wea} (ONNX, decoder runtime)"))
         out.append(folder_target(onnx / "onnx" / GENERATION_FILE, "dqtool", a.threads,
                                  f"dqtool {a.student} {wea} (ONNX, one BeamSearch graph)"))
+        if a.optimum_step:
+            out.append(folder_target(_optimum_step(onnx) / "onnx" / GENERATION_FILE, "dqtool", a.threads,
+                                     f"dqtool {a.student} {wea} (ONNX, one BeamSearch graph, optimum's decoder step)"))
     if not a.no_teacher:
         out.append(folder_target(a.work / "teacher", "teacher", a.threads, "teacher fp32 (PyTorch)"))
     out += build_peers(cfg.peers, cfg.teacher, cfg.student, a.work / "peers", a.threads, log=lambda m: None)
@@ -212,6 +224,7 @@ def report(a) -> None:
            "act_granularity": a.act_granularity, "encoder_act_granularity": a.encoder_act_granularity,
            "command": f"benchmarks/speed_generation.py --shape {a.shape} --student {a.student} --schemes {a.schemes} "
                       f"--peers {a.peers} {'--no-teacher ' if a.no_teacher else ''}"
+                      f"{'--optimum-step ' if a.optimum_step else ''}"
                       f"--act-granularity {a.act_granularity} "
                       + (f"--encoder-act-granularity {a.encoder_act_granularity} " if a.encoder_act_granularity else "")
                       + f"--threads {a.threads} --runs {a.runs} --new-tokens {a.new_tokens} --source-tokens "

@@ -535,7 +535,8 @@ class GenerationGraph:
             from dqtool.runtimes.ort import lut_gemm_of, session_options
 
             self._encoder = ort.InferenceSession(str(graph_folder(self.folder) / ENCODER_FILE),
-                                                 session_options(self.threads, lut_gemm_of(self.folder)),
+                                                 session_options(self.threads, lut_gemm_of(self.folder),
+                                                                 spinning=False),  # (timing only: see session_options)
                                                  providers=["CPUExecutionProvider"])
         ids = np.asarray(input_ids.detach().cpu().numpy() if hasattr(input_ids, "detach") else input_ids, np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(
