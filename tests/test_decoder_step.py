@@ -133,3 +133,15 @@ def test_steps_the_lean_graph_does_not_cover_keep_optimums(tmp_path):
 def test_decoder_step_choice_is_validated():
     with pytest.raises(ConfigError, match="--decoder-step 'x' is not supported: choose lean, optimum"):
         ExportConfig(decoder_step="x")
+
+
+def test_pre_norm_step_with_float_positions_exports_with_equal_tokens(tmp_path):
+    # mBART: the pre-norm layout, a final layer norm, scaled embeddings, float (unquantized) positions
+    model = tiny_model("mbart", 2, 2, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128, scale_embedding=True)
+    packed = pack_tiny(tmp_path, model, QuantScheme.from_wea("2-2-8", **MAIN))
+    r = export(packed, tmp_path / "onnx", ExportConfig(generation_graph="beam"))
+    gg = r.check["generation_graph"]
+    assert gg["decoder_step"] == "lean (MultiHeadAttention)"
+    assert gg["greedy"] == gg["beam2"] == "tokens equal"
+    _, ops = _decoder_subgraph(tmp_path / "onnx")
+    assert ops["MultiHeadAttention"] == 4 and ops["LayerNormalization"] == 2 * 3 + 2   # + embedding and final norms
