@@ -125,7 +125,8 @@ def test_steps_the_lean_graph_does_not_cover_keep_optimums(tmp_path):
     r = export(packed, tmp_path / "a" / "onnx", ExportConfig(generation_graph="beam"))
     assert r.check["generation_graph"]["decoder_step"] == "optimum"
     # an architecture without a registry layout
-    packed = pack_tiny(tmp_path / "m", tiny_model("pegasus", 1, 1, forced_eos_token_id=None), QuantScheme.from_wea("8-8-8", quantize_attention=False))
+    model = tiny_model("pegasus", 1, 1, forced_eos_token_id=None)
+    packed = pack_tiny(tmp_path / "m", model, QuantScheme.from_wea("8-8-8", quantize_attention=False))
     r = export(packed, tmp_path / "m" / "onnx", ExportConfig(generation_graph="beam"))
     assert r.check["generation_graph"]["decoder_step"] == "optimum"
 
@@ -145,3 +146,25 @@ def test_pre_norm_step_with_float_positions_exports_with_equal_tokens(tmp_path):
     assert gg["greedy"] == gg["beam2"] == "tokens equal"
     _, ops = _decoder_subgraph(tmp_path / "onnx")
     assert ops["MultiHeadAttention"] == 4 and ops["LayerNormalization"] == 2 * 3 + 2   # + embedding and final norms
+
+
+def test_encoder_timing_runs_the_graphs_own_first_call(two_steps):
+    # bench times a generation graph's encoder with its own encoder subgraph (the op's first call:
+    # the encoder and the first decoder step, main-graph weight unpacking included)
+    import numpy as np
+
+    from dqtool.runtimes.beamgraph import GenerationGraph, encoder_subgraph_model
+    from dqtool.runtimes.ort import OnnxSeq2Seq
+
+    _, root = two_steps
+    graph = GenerationGraph.from_folder(root / "lean", threads=1)
+    ids = np.random.default_rng(0).integers(4, 100, (2, 7))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    got = graph.encode(ids, mask)
+    want = OnnxSeq2Seq.from_folder(root / "lean", threads=1).encode(ids, mask)
+    keep = mask.astype(bool)
+    assert np.abs(got - want)[keep].max() <= 1e-5 * max(1.0, np.abs(want).max())
+    m = onnx.load_from_string(encoder_subgraph_model(root / "lean" / "onnx" / GENERATION_FILE))
+    assert [o.name for o in m.graph.output][:2] == ["logits", "encoder_hidden_states"]
+    assert all(not i.external_data for i in m.graph.initializer)   # weights inline: runs from bytes

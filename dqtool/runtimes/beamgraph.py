@@ -396,6 +396,26 @@ def _merge_same(nodes) -> dict[str, str]:
     return mapping
 
 
+def encoder_subgraph_model(path: str | os.PathLike) -> bytes:
+    """A generation graph's encoder subgraph as a model of its own (serialized, weights inline): the
+    main-graph nodes it reads (weight unpacking) and its nodes, every output kept, so a session runs
+    exactly the op's first call (the encoder and the first decoder step)."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path))   # with its external data (the folder's weights file)
+    bs = next(n for n in m.graph.node if n.op_type == "BeamSearch")
+    enc = next(a.g for a in bs.attribute if a.name == "encoder")
+    refs = _outer_refs(enc)
+    main = _prune_nodes([n for n in m.graph.node if n is not bs], refs)
+    used = refs | {x for n in main for x in n.input}
+    graph = helper.make_graph(main + list(enc.node), "encoder subgraph", list(enc.input), list(enc.output),
+                              [i for i in m.graph.initializer if i.name in used])
+    model = helper.make_model(graph, opset_imports=list(m.opset_import), producer_name="dqtool")
+    model.ir_version = m.ir_version
+    return model.SerializeToString()
+
+
 def _prune_nodes(nodes, needed: set) -> list:
     """``nodes`` without those whose outputs nothing in ``needed`` (transitively) reads, in order."""
     needed = set(needed)
@@ -527,21 +547,26 @@ class GenerationGraph:
         return model
 
     def encode(self, input_ids, attention_mask=None) -> np.ndarray:
-        """The folder's encoder graph alone (the op's encoder subgraph runs the same ops): for
-        timing the encoder apart from the decoding steps, as bench does for every model."""
+        """Run the graph's encoder subgraph alone (the encoder and the first decoder step, the op's
+        first call; its main-graph weight unpacking included) and return ``encoder_hidden_states``:
+        for timing the encoder apart from the decoding steps, as bench does for every model. Its
+        session does not spin (see :func:`dqtool.runtimes.ort.session_options`)."""
         if self._encoder is None:
             import onnxruntime as ort
 
             from dqtool.runtimes.ort import lut_gemm_of, session_options
 
-            self._encoder = ort.InferenceSession(str(graph_folder(self.folder) / ENCODER_FILE),
-                                                 session_options(self.threads, lut_gemm_of(self.folder),
-                                                                 spinning=False),  # (timing only: see session_options)
-                                                 providers=["CPUExecutionProvider"])
-        ids = np.asarray(input_ids.detach().cpu().numpy() if hasattr(input_ids, "detach") else input_ids, np.int64)
+            so = session_options(self.threads, lut_gemm_of(self.folder), spinning=False)
+            so.log_severity_level = 3
+            self._encoder = ort.InferenceSession(encoder_subgraph_model(graph_folder(self.folder) / GENERATION_FILE),
+                                                 so, providers=["CPUExecutionProvider"])
+        ids = np.asarray(input_ids.detach().cpu().numpy() if hasattr(input_ids, "detach") else input_ids, np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(
-            attention_mask.detach().cpu().numpy() if hasattr(attention_mask, "detach") else attention_mask, np.int64)
-        return self._encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            attention_mask.detach().cpu().numpy() if hasattr(attention_mask, "detach") else attention_mask, np.int32)
+        start = np.full((ids.shape[0], 1), int(self.attributes["decoder_start_token_id"]), dtype=np.int32)
+        outs = self._encoder.run(None, {"encoder_input_ids": ids, "encoder_attention_mask": mask,
+                                        "decoder_input_ids": start})   # every output: the op's whole first call
+        return outs[1]                                                 # encoder_hidden_states
 
     def to(self, device="cpu"):
         import torch
