@@ -148,23 +148,20 @@ def test_pre_norm_step_with_float_positions_exports_with_equal_tokens(tmp_path):
     assert ops["MultiHeadAttention"] == 4 and ops["LayerNormalization"] == 2 * 3 + 2   # + embedding and final norms
 
 
-def test_encoder_timing_runs_the_graphs_own_first_call(two_steps):
-    # bench times a generation graph's encoder with its own encoder subgraph (the op's first call:
-    # the encoder and the first decoder step, main-graph weight unpacking included)
-    import numpy as np
-
-    from dqtool.runtimes.beamgraph import GenerationGraph, encoder_subgraph_model
-    from dqtool.runtimes.ort import OnnxSeq2Seq
+def test_graph_timing_split_runs_in_the_graphs_own_session(two_steps):
+    # bench times a generation graph's encoder as a 2-token generation in the graph's own session and
+    # divides the rest of a generation by the cached steps beyond it (no second session beside it)
+    from dqtool.runtimes.beamgraph import MIN_OP_LENGTH, GenerationGraph
+    from dqtool.stages.bench.stage import BenchConfig, measure_latency
+    from dqtool.stages.bench.target import folder_target
 
     _, root = two_steps
-    graph = GenerationGraph.from_folder(root / "lean", threads=1)
-    ids = np.random.default_rng(0).integers(4, 100, (2, 7))
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    got = graph.encode(ids, mask)
-    want = OnnxSeq2Seq.from_folder(root / "lean", threads=1).encode(ids, mask)
-    keep = mask.astype(bool)
-    assert np.abs(got - want)[keep].max() <= 1e-5 * max(1.0, np.abs(want).max())
-    m = onnx.load_from_string(encoder_subgraph_model(root / "lean" / "onnx" / GENERATION_FILE))
-    assert [o.name for o in m.graph.output][:2] == ["logits", "encoder_hidden_states"]
-    assert all(not i.external_data for i in m.graph.initializer)   # weights inline: runs from bytes
+    target = folder_target(root / "lean" / "onnx" / GENERATION_FILE, "dqtool", 1)
+    model, tok = target.load()
+    assert isinstance(model, GenerationGraph) and model.encode_steps == MIN_OP_LENGTH - 2
+    row = measure_latency(target, model, tok, BenchConfig(source_tokens=8, new_tokens=12, runs=2, warmup=1,
+                                                         threads=1, batch_sizes=(1,)))["1"]
+    assert row["new_tokens"] == 12 and row["encoder_includes_decoder_steps"] == 2
+    # the config's forced EOS: the op runs max_length - 1, so 10 cached steps, 9 beyond the encoder's one
+    assert model.last_steps == 10
+    assert row["decode_per_token"]["median_ms"] > 0 and row["encoder"]["median_ms"] > 0

@@ -396,26 +396,6 @@ def _merge_same(nodes) -> dict[str, str]:
     return mapping
 
 
-def encoder_subgraph_model(path: str | os.PathLike) -> bytes:
-    """A generation graph's encoder subgraph as a model of its own (serialized, weights inline): the
-    main-graph nodes it reads (weight unpacking) and its nodes, every output kept, so a session runs
-    exactly the op's first call (the encoder and the first decoder step)."""
-    import onnx
-    from onnx import helper
-
-    m = onnx.load(str(path))   # with its external data (the folder's weights file)
-    bs = next(n for n in m.graph.node if n.op_type == "BeamSearch")
-    enc = next(a.g for a in bs.attribute if a.name == "encoder")
-    refs = _outer_refs(enc)
-    main = _prune_nodes([n for n in m.graph.node if n is not bs], refs)
-    used = refs | {x for n in main for x in n.input}
-    graph = helper.make_graph(main + list(enc.node), "encoder subgraph", list(enc.input), list(enc.output),
-                              [i for i in m.graph.initializer if i.name in used])
-    model = helper.make_model(graph, opset_imports=list(m.opset_import), producer_name="dqtool")
-    model.ir_version = m.ir_version
-    return model.SerializeToString()
-
-
 def _prune_nodes(nodes, needed: set) -> list:
     """``nodes`` without those whose outputs nothing in ``needed`` (transitively) reads, in order."""
     needed = set(needed)
@@ -546,27 +526,27 @@ class GenerationGraph:
         model.threads = threads
         return model
 
-    def encode(self, input_ids, attention_mask=None) -> np.ndarray:
-        """Run the graph's encoder subgraph alone (the encoder and the first decoder step, the op's
-        first call; its main-graph weight unpacking included) and return ``encoder_hidden_states``:
-        for timing the encoder apart from the decoding steps, as bench does for every model. Its
-        session does not spin (see :func:`dqtool.runtimes.ort.session_options`)."""
-        if self._encoder is None:
-            import onnxruntime as ort
+    # The op's first call (the encoder and the first decoder step) cannot be run alone in the graph's
+    # own session, and a second ONNX Runtime session in the same process is no stand-in: on 2 vCPUs
+    # two sessions' thread pools slow each other down for as long as both live (BART-base 6-3: the
+    # encoder subgraph 24 ms alone, 43-50 ms and the generation 103-131 ms instead of 62-66 beside a
+    # spinning second session; with a non-spinning one 37 ms). So bench times the graph's encoder as a
+    # generation of :data:`MIN_OP_LENGTH` - 1 tokens in the graph's own session (the first call and
+    # ``encode_steps`` cached steps) and divides the rest of a generation by the cached steps it ran
+    # beyond those (``last_steps - encode_steps``): the marginal cost of a generated token.
+    encode_steps = MIN_OP_LENGTH - 2
 
-            from dqtool.runtimes.ort import lut_gemm_of, session_options
-
-            so = session_options(self.threads, lut_gemm_of(self.folder), spinning=False)
-            so.log_severity_level = 3
-            self._encoder = ort.InferenceSession(encoder_subgraph_model(graph_folder(self.folder) / GENERATION_FILE),
-                                                 so, providers=["CPUExecutionProvider"])
+    def encode(self, input_ids, attention_mask=None) -> None:
+        """Run the first call and :attr:`encode_steps` cached decoder steps (greedy, exactly that many
+        tokens) in the graph's own session: what bench times as a generation graph's encoder."""
         ids = np.asarray(input_ids.detach().cpu().numpy() if hasattr(input_ids, "detach") else input_ids, np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(
             attention_mask.detach().cpu().numpy() if hasattr(attention_mask, "detach") else attention_mask, np.int32)
-        start = np.full((ids.shape[0], 1), int(self.attributes["decoder_start_token_id"]), dtype=np.int32)
-        outs = self._encoder.run(None, {"encoder_input_ids": ids, "encoder_attention_mask": mask,
-                                        "decoder_input_ids": start})   # every output: the op's whole first call
-        return outs[1]                                                 # encoder_hidden_states
+        feed = {"input_ids": ids, "attention_mask": mask, **scalar_feeds(self.generation_config)}
+        n = np.array([MIN_OP_LENGTH], dtype=np.int32)
+        feed.update(max_length=n, min_length=n, num_beams=np.array([1], dtype=np.int32),
+                    num_return_sequences=np.array([1], dtype=np.int32))
+        self.session.run(["sequences"], feed)
 
     def to(self, device="cpu"):
         import torch
@@ -605,6 +585,8 @@ class GenerationGraph:
         self.check(gc)
         feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int32),
                 "attention_mask": np.ascontiguousarray(mask, dtype=np.int32), **scalar_feeds(gc)}
+        # cached decoder steps the op runs at most (the encoder subgraph gives the first token)
+        self.last_steps = int(feed["max_length"][0]) - 2
         if ids.shape[0] == 1 or self.attributes.get("early_stopping") == 1:
             return self.session.run(["sequences"], feed)[0]
         outs = []

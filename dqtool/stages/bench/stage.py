@@ -176,7 +176,13 @@ def measure_latency(target: Target, model, tok, cfg: BenchConfig) -> dict:
         row = {"batch": batch, "source_tokens": cfg.source_tokens, "new_tokens": new, "generate": _stats(gen_t)}
         if target.encode is not None:
             row["encoder"] = _stats(enc_t)
-            per_tok = [(g - e) / max(new, 1) for g, e in zip(gen_t, enc_t)]
+            steps = max(new, 1)
+            if getattr(model, "encode_steps", None) is not None and getattr(model, "last_steps", None):
+                # a generation graph: its "encoder" is the op's first call plus encode_steps cached steps
+                # (dqtool.runtimes.beamgraph.GenerationGraph.encode); per token = the steps beyond those
+                steps = max(model.last_steps - model.encode_steps, 1)
+                row["encoder_includes_decoder_steps"] = 1 + model.encode_steps
+            per_tok = [(g - e) / steps for g, e in zip(gen_t, enc_t)]
             row["decode_per_token"] = _stats(per_tok)
         else:
             row["decode_per_token"] = _stats([g / max(new, 1) for g in gen_t])
