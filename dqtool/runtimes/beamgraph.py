@@ -495,7 +495,7 @@ class GenerationGraph:
         self.attributes = attributes  # the BeamSearch node's token ids, n-gram size, early_stopping
         self.device = torch.device("cpu")
         self.threads: int | None = None
-        self._encoder = None
+        self.last_steps: int | None = None   # cached decoder steps of the last run (bench's per-token time)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike, threads: int | None = None) -> "GenerationGraph":
@@ -546,7 +546,7 @@ class GenerationGraph:
         n = np.array([MIN_OP_LENGTH], dtype=np.int32)
         feed.update(max_length=n, min_length=n, num_beams=np.array([1], dtype=np.int32),
                     num_return_sequences=np.array([1], dtype=np.int32))
-        self.session.run(["sequences"], feed)
+        self._run_feed(feed)   # batched or row by row as generate runs
 
     def to(self, device="cpu"):
         import torch
@@ -587,6 +587,10 @@ class GenerationGraph:
                 "attention_mask": np.ascontiguousarray(mask, dtype=np.int32), **scalar_feeds(gc)}
         # cached decoder steps the op runs at most (the encoder subgraph gives the first token)
         self.last_steps = int(feed["max_length"][0]) - 2
+        return self._run_feed(feed)
+
+    def _run_feed(self, feed: dict) -> np.ndarray:
+        ids = feed["input_ids"]
         if ids.shape[0] == 1 or self.attributes.get("early_stopping") == 1:
             return self.session.run(["sequences"], feed)[0]
         outs = []
