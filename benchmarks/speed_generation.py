@@ -233,7 +233,42 @@ def report(a) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(rep, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(markdown(rep))
+    plot(rep, a.out.with_suffix(".png"))
     print(markdown(rep))
+
+
+def _machine_text(m) -> str:
+    return m.get("description", str(m)) if isinstance(m, dict) else str(m)
+
+
+def plot(rep: dict, path: Path) -> None:
+    """``path``: end-to-end generate time per model at batch 1 and 8 (horizontal bars, fastest first at
+    batch 1; dqtool's rows dark), from the report's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rep["rows"], key=lambda r: r["latency"]["1"]["generate"]["median_ms"])
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.5), sharey=True)
+    for ax, b in zip(axes, ("1", "8")):
+        vals = [r["latency"].get(b, {}).get("generate", {}).get("median_ms", 0) for r in rows]
+        colors = ["#1f3b73" if r.get("role") == "dqtool" or r["name"].startswith("dqtool") else "#9bb0d3" for r in rows]
+        ax.barh(range(len(rows)), vals, color=colors)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=8)
+        ax.set_title(f"batch {b}: generate {rep['new_tokens']} tokens (ms, lower is better)", fontsize=10)
+        ax.set_xlim(0, max(vals) * 1.18)
+    axes[0].set_yticks(range(len(rows)))
+    axes[0].set_yticklabels(names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{rep['shape']} shape, student {rep['student']}, {rep['source_tokens']} source tokens, "
+                 f"{rep['threads']} threads, {_machine_text(rep['machine'])}, onnxruntime {rep['onnxruntime']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(rep: dict) -> str:
