@@ -256,12 +256,13 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
     d_map_first.update(pre_map)
     d_map_past.update(pre_map)
     first_name = rename_all(d_first, d_map_first, "d0.")
-    past_name = rename_all(d_past, d_map_past, "d1.")
     first_outs = [first_name(v.name) for v in first_g.output]
-    past_outs = [past_name(v.name) for v in past_g.output]
     d_first = split_constant(d_first, "d0.", const_d | const)
-    d_past = split_constant(d_past, "d1.", const_d | const)
-    if step is not None:
+    if step is None:   # the merged decoder's cached branch
+        past_name = rename_all(d_past, d_map_past, "d1.")
+        past_outs = [past_name(v.name) for v in past_g.output]
+        d_past = split_constant(d_past, "d1.", const_d | const)
+    else:
         for init in step.graph.initializer:
             inits.setdefault(init.name, init)
         keep.update(init.name for init in step.graph.initializer)
@@ -314,12 +315,11 @@ def build_generation_graph(gdir: Path, generation_config, hidden: int, out_file:
          vi("decoder_input_ids", I32, ["B", 1])], outs)
 
     # decoder subgraph
-    dec_nodes = [helper.make_node("Cast", ["input_ids"], ["ids64"], to=TensorProto.INT64),
-                 helper.make_node("Cast", ["encoder_attention_mask"], ["mask64"], to=TensorProto.INT64)]
-    if step is not None:
-        dec_nodes = d_past   # its inputs and outputs are the subgraph's
+    if step is None:
+        dec_nodes = [helper.make_node("Cast", ["input_ids"], ["ids64"], to=TensorProto.INT64),
+                     helper.make_node("Cast", ["encoder_attention_mask"], ["mask64"], to=TensorProto.INT64)] + d_past
     else:
-        dec_nodes += d_past
+        dec_nodes = d_past   # its inputs and outputs are the subgraph's
     ins = [vi("input_ids", I32, ["B", 1]), vi("encoder_attention_mask", I32, ["B", "S"])]
     for tag, length in (("self", "P"), ("cross", "S")):
         for i in layers:

@@ -695,25 +695,15 @@ def validate(folder: Path, packed_model, cfg: ExportConfig, nbits: bool) -> dict
     return result
 
 
-def _export_step(module, args, dynamic: dict, path: Path, attentions: int, names, base3, disk_layout):
-    import onnx
-
-    from dqtool.model.decoder_step import fix_attention_inputs
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), input_names=module.input_names(),
-                          output_names=module.output_names(), dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=False)
-    m = onnx.load(str(path))
-    if fix_attention_inputs(m.graph) != attentions:
-        raise DQToolError(f"{path.name}: an attention node is missing; please report it")
-    rename_initializers(m, names, "")
-    store_base3(m, base3, disk_layout)
+def _post_process(m, names: dict[str, str], root: str, base3, disk_layout) -> list[str]:
+    """An exported graph made ready to save, in place: packed initializer names, base-3 tables,
+    short value names, constants deduplicated and hoisted. Returns the base-3 tables stored."""
+    rename_initializers(m, names, root)
+    stored = store_base3(m, base3, disk_layout)
     compact_names(m)
     dedupe_constants(m)
     hoist_constants(m)
-    return m
+    return stored
 
 
 def export_decoder_step(model, names: dict[str, str], base3, disk_layout, raw: Path):
@@ -727,7 +717,9 @@ def export_decoder_step(model, names: dict[str, str], base3, disk_layout, raw: P
     op's first call in 25-28 ms against 25-28 ms at batch 1 and 161 against 157 ms at batch 8: the
     encoder's time is its integer matmuls and activation codes, not shape ops, and MultiHeadAttention
     over 128 tokens was no faster than the exported MatMul/Softmax.)"""
-    from dqtool.model.decoder_step import DecoderStep, quantizes_attention
+    import onnx
+
+    from dqtool.model.decoder_step import DecoderStep, fix_attention_inputs, quantizes_attention
     from dqtool.model.registry import spec_for
 
     layout = spec_for(model.config).decoder_step
@@ -743,8 +735,17 @@ def export_decoder_step(model, names: dict[str, str], base3, disk_layout, raw: P
     dynamic = {"input_ids": {0: "B"}, "encoder_attention_mask": {0: "B", 1: "S"}, "logits": {0: "B"}}
     for name in step.input_names()[2:] + step.output_names()[1:]:
         dynamic[name] = {0: "B", 2: "S" if "cross" in name else "P"}
-    return _export_step(step, (ids, mask, *past), dynamic, raw / "decoder_step.onnx", 2 * n, names, base3,
-                        disk_layout)
+    path = raw / "decoder_step.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, (ids, mask, *past), str(path), input_names=step.input_names(),
+                          output_names=step.output_names(), dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=False)
+    m = onnx.load(str(path))
+    if fix_attention_inputs(m.graph) != 2 * n:
+        raise DQToolError(f"{path.name}: an attention node is missing; please report it")
+    _post_process(m, names, "", base3, disk_layout)
+    return m
 
 
 def write_generation_graph(folder: Path, cfg: ExportConfig, step=None) -> dict:
@@ -851,11 +852,8 @@ def export(packed_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: Expor
         models, stored_base3 = {}, set()
         for fname in (ENCODER_FILE, DECODER_FILE):
             m = onnx.load(str(raw / fname))
-            rename_initializers(m, names, encoder_root if fname == ENCODER_FILE else "")
-            stored_base3.update(store_base3(m, base3, disk_layout))
-            compact_names(m)
-            dedupe_constants(m)
-            hoist_constants(m)
+            stored_base3.update(_post_process(m, names, encoder_root if fname == ENCODER_FILE else "", base3,
+                                              disk_layout))
             models[fname] = m
         gdir = tmp / ONNX_SUBDIR
         gdir.mkdir()
