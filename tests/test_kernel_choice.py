@@ -31,7 +31,7 @@ def _matmuls(folder: Path, graph: str) -> set[tuple[str, int]]:
         for n in g.node:
             if n.op_type == "MatMulNBits":
                 out.add(("MatMulNBits", {a.name: a.i for a in n.attribute}["bits"]))
-            elif n.op_type == "MatMulInteger":
+            elif n.op_type in ("MatMulInteger", "MatMulIntegerToFloat"):   # the integer path (int8 codes)
                 out.add(("MatMulInteger", 8))
     return out
 
@@ -94,7 +94,7 @@ def test_widened_kernels_compute_the_same_result(tmp_path):
 
 def test_encoder_act_granularity_splits_the_kernels(tmp_path):
     """encoder_act_granularity token with block activations: QAT quantizes the encoder's and the
-    cross-attention keys/values' inputs per token (exported as MatMulInteger on int8 codes) and
+    cross-attention keys/values' inputs per token (exported as MatMulIntegerToFloat on int8 codes) and
     every per-token Linear per block (MatMulNBits' own quantizer): the export is faithful and
     generates the packed runtime's tokens; the packed integer runtime runs the encoder part."""
     from dqtool.runtimes.ort import load_onnx

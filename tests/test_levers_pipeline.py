@@ -168,10 +168,11 @@ def test_onnx_matches_packed_runtime(tmp_path, name, matmul):
     if matmul == "nbits":
         nodes = ops["MatMulNBits"]
         # seq: the float zero point input (1.5); ternary codes (and the lm_head tied to the
-        # ternary embedding): ORT's default zero point
-        assert {len(n.input) for n in nodes} == ({3, 4} if name == "seq" else {3})
+        # ternary embedding): ORT's default zero point (input 3 empty); the bias is input 5
+        assert {bool(n.input[3]) for n in nodes} == ({True, False} if name == "seq" else {False})
+        assert all(len(n.input) == 6 and n.input[5] for n in nodes)
     else:
-        assert "MatMulInteger" in ops
+        assert "MatMulInteger" in ops or "MatMulIntegerToFloat" in ops
         # integer path: exact codes and scales; only float rounding outside the integer matmul
         assert r.check["encoder_rel"] < 1e-3
     ref, _ = load_packed(tmp_path / "packed")
