@@ -60,6 +60,19 @@ def test_export_uses_quantized_ops_and_generates_like_packed_runtime(tmp_path, a
     # MatMulInteger, or MatMulIntegerToFloat for symmetric per-token activations (onnx_ops._row_scaled_matmul)
     assert op in ops or (op == "MatMulInteger" and "MatMulIntegerToFloat" in ops)
     assert r.paths[matmul if matmul != "auto" else "integer"] > 0
+    if (arch, scheme, matmul) == ("bart", "2-2-8", "auto"):
+        # symmetric per-token codes: five big ops over many rows (encoder, cross-attention keys/values),
+        # the nine small ops per generated token, faster at one row (onnx_ops._row_scaled_matmul)
+        plans = json.loads((out / "export.json").read_text())["plans"]
+        for name, p in plans.items():
+            assert p["per_token"] == (name.startswith("model.decoder.") and "encoder_attn.k_proj" not in name
+                                      and "encoder_attn.v_proj" not in name or name == "lm_head"), name
+        enc = onnx.load(str(graph_folder(out) / ENCODER_FILE), load_external_data=False)
+        assert {n.op_type for n in enc.graph.node} >= {"MatMulIntegerToFloat", "QuantizeLinear"}
+        assert "MatMulInteger" not in {n.op_type for n in enc.graph.node}
+        dec_ops = {n.op_type for g in _all_graphs(onnx.load(str(graph_folder(out) / DECODER_FILE),
+                                                               load_external_data=False).graph) for n in g.node}
+        assert {"MatMulInteger", "MatMulIntegerToFloat"} <= dec_ops
     assert r.check["argmax_equal"] and r.check["decoder_logits_rel"] <= r.check["rtol"]
     if matmul == "auto":
         # Integer path: codes and scales exact; only float rounding outside the integer matmul.

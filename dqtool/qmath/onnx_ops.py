@@ -14,8 +14,9 @@ float rounding of the final rescale::
       (8-bit W codes as uint8 + 128 with zero point 128: u8s8 saturates int16 pair sums on
       CPUs without VNNI, u8u8 is exact everywhere; see :func:`weight_as_uint8`)
       --Cast--> * s_x * s_w[N] + bias
-    symmetric per token: the same codes and sums in five big ops, QuantizeLinear(x / s, 1, 128)
-    -> MatMulIntegerToFloat(u8, W, 1, s_w, 128) * s + bias (:func:`_row_scaled_matmul`)
+    symmetric per token over many rows (encoder, cross-attention keys/values): the same codes and
+    sums in five big ops, QuantizeLinear(x / s, 1, 128) -> MatMulIntegerToFloat(u8, W, 1, s_w, 128)
+    * s + bias (:func:`_row_scaled_matmul`)
     asymmetric per tensor (8-bit): DynamicQuantizeLinear -> MatMulInteger(x_u8, W, x_zp)
     (ORT fuses these into DynamicQuantizeMatMul / MatMulIntegerToFloat)
     asymmetric per token: codes and per-row zero points computed in-graph as training
@@ -73,6 +74,9 @@ class LinearPlan:
     # codes are re-packed in the graph on initializers (constant-folded once at session start: the
     # file keeps the packed bits) with the same integers -- see :func:`kernel_bits`.
     kernel_bits: int = 0
+    # Runs once per generated token (one row per sequence: decoder Linears, lm_head), not over all
+    # source tokens (encoder, cross-attention keys/values); picks the integer path's op sequence.
+    per_token: bool = False
 
     @property
     def nbits(self) -> int:
@@ -390,9 +394,11 @@ def _row_scaled_matmul(g, x, w, w_zp, w_scale, plan: LinearPlan):
 
     The codes are training's bit for bit (``x / s`` is the same division; ``QuantizeLinear`` by 1 only
     rounds, saturation never triggers as ``|x / s| <= qmax``); the int32 sums are exact; only the
-    float rescale rounds differently (``acc * s_w * s`` instead of ``acc * s * s_w``). Measured
-    (onnxruntime 1.32, 2 threads, Intel Xeon AVX-512 VNNI): 1024x768 @ 768x3072 20.0 -> 13.9 ms,
-    1024x3072 @ 3072x768 19.0 -> 13.4 ms (a BART-base encoder Linear at batch 8, 128 tokens)."""
+    float rescale rounds differently (``acc * s_w * s`` instead of ``acc * s * s_w``). Used for the
+    Linears over many rows (encoder, cross-attention keys/values); the per-token Linears keep the
+    nine small ops, as fast at 8 rows and faster at one (``benchmarks/results/integer_chain.md``,
+    onnxruntime 1.32, 2 threads, Intel Xeon AVX-512 VNNI: 1.22-1.41x faster at 128 and 1024 rows,
+    1.02x at 8, 0.88x at 1)."""
     f32 = torch.float32
     qmax = 2 ** (plan.a_bits - 1) - 1
     axis = _const(g, [-1], torch.int64)
@@ -453,7 +459,7 @@ class _QLinearFn(torch.autograd.Function):
     def symbolic(g, x, qweight, scale, bias, plan: LinearPlan, spec, aspec):
         if plan.path == INTEGER:
             w, w_zp = _weight_codes_kn(g, qweight, plan)
-            if plan.per_row and plan.a_symmetric:
+            if plan.per_row and plan.a_symmetric and not plan.per_token:
                 return g.op("Add", _row_scaled_matmul(g, x, w, w_zp, scale, plan), bias)
             q, s, zp = _act_codes(g, x, plan)
             y = _integer_matmul(g, q, w, w_zp, zp, plan)

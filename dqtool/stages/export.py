@@ -288,7 +288,7 @@ def plan_linears(model, cfg: ExportConfig) -> dict[str, LinearPlan]:
                                  a_symmetric=aspec.symmetric if aspec else True, clip=clip,
                                  a_granularity=aspec.granularity if aspec else "token", block_size=block,
                                  accuracy_level=cfg.accuracy_level, odd_codes=odd,
-                                 kernel_bits=kbits)
+                                 kernel_bits=kbits, per_token=per_token)
     return plans
 
 
